@@ -1,0 +1,59 @@
+"""Zero-shot classifier from text prompts, with one pinned logit convention (paper-spec 3.1, P9).
+
+Class embeddings: encode every template filled with the class name, L2-normalise each template embedding,
+average over templates, L2-normalise again. Logits: ``exp(logit_scale) * cos(image, class)``, i.e. the image
+embedding is L2-normalised too (the HEAD convention of the reference code). Coefficient sets fitted under
+this convention record it in their metadata (:data:`LOGIT_CONVENTION`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LOGIT_CONVENTION", "class_embeddings", "fill_templates", "zero_shot_logits"]
+
+LOGIT_CONVENTION = "scaled_cosine"  # logits = exp(logit_scale) * cos(y, w_c)
+
+
+def fill_templates(classes: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """All prompts, class-major: prompt ``c * len(templates) + t`` is ``templates[t]`` filled with ``classes[c]``."""
+    return [t.replace("{}", c) for c in classes for t in templates]
+
+
+@torch.no_grad()
+def class_embeddings(
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classes: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Class embedding matrix (C, d), unit-norm rows, from the text tower ``encode_text``."""
+    prompts = fill_templates(classes, templates)
+    chunks = []
+    for i in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[i : i + batch_size]).to(device)
+        chunks.append(encode_text(tokens).float())
+    return prompt_embeddings_to_classes(torch.cat(chunks), len(classes), len(templates))
+
+
+def prompt_embeddings_to_classes(prompt_emb: torch.Tensor, n_classes: int, n_templates: int) -> torch.Tensor:
+    """(C*T, d) raw prompt embeddings, class-major -> (C, d) unit-norm class embeddings."""
+    emb = F.normalize(prompt_emb.float(), dim=-1)
+    emb = emb.view(n_classes, n_templates, -1).mean(dim=1)  # (C*T, d) -> (C, T, d) -> (C, d)
+    return F.normalize(emb, dim=-1)
+
+
+def zero_shot_logits(
+    image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    """(n, d) image embeddings, (C, d) unit-norm class embeddings -> (n, C) logits (:data:`LOGIT_CONVENTION`).
+
+    ``logit_scale`` is the model's *log* scale parameter.
+    """
+    scale = logit_scale.exp() if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale).exp()
+    return scale.to(image_emb.dtype) * F.normalize(image_emb, dim=-1) @ class_emb.to(image_emb.dtype).T

@@ -1,0 +1,233 @@
+"""``residual``: offline use of the library on ImageFolder directories (one sub-folder per class).
+
+    residual decompose-check --images DIR           units sum to the embedding? (max relative error)
+    residual spectrum --images DIR --out basis.safetensors     per-unit PCA basis and a spectrum table
+    residual fit --train DIR --basis basis.safetensors --out cs.safetensors
+    residual classify --images DIR --classes a,b,c [--coefficients cs.safetensors]
+
+Every command takes ``--model`` (default the embedded ``residual-tiny``) and ``--pretrained``; image sources
+can also be the embedded world's benchmark tasks, ``--world TASK[:SPLIT]`` (e.g. ``--world shape:test``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from residual.backbone import Backbone, load_backbone
+from residual.basis import Basis, fit_basis
+from residual.classifier import class_embeddings, zero_shot_logits
+from residual.coefficients import VARIANTS, CoefficientSet, apply_fused, fuse, resolve
+from residual.decomposition import LinearisedLN, decompose, extract_batched
+from residual.errors import ResidualError
+from residual.fit import FitConfig, fit
+
+__all__ = ["main"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}."]
+
+
+def _image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, classes) of an ImageFolder tree; classes sorted by folder name."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise SystemExit(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(i)
+    if not files:
+        raise SystemExit(f"{root}: no images with suffix in {sorted(IMAGE_SUFFIXES)}")
+    return files, labels, classes
+
+
+def _load_pixels(bb: Backbone, files: list[Path], desc: str) -> torch.Tensor:
+    out = []
+    for f in tqdm(files, desc=desc, unit="img", disable=None):
+        with Image.open(f) as im:
+            out.append(bb.preprocess(im.convert("RGB")))
+    return torch.stack(out)
+
+
+def _source(bb: Backbone, args: argparse.Namespace, attr: str = "images"
+            ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str] | None]:
+    """(pixels, labels, classes, task templates or None) from --world or an ImageFolder."""
+    if getattr(args, "world", None):
+        from residual.tiny import tasks
+
+        name, _, split = args.world.partition(":")
+        if name not in tasks.TASKS:
+            raise SystemExit(f"unknown world task {name!r}; choose from {sorted(tasks.TASKS)}")
+        images, labels, _ = tasks.task_images(name, split or "test", n=args.n, side=bb.geometry.image_size)
+        task = tasks.TASKS[name]
+        return bb.pixels_from_arrays(images), torch.from_numpy(labels), list(task.classes), list(task.templates)
+    root = getattr(args, attr)
+    if root is None:
+        raise SystemExit(f"give --{attr.replace('_', '-')} DIR or --world TASK")
+    files, labels, classes = _image_folder(Path(root))
+    return _load_pixels(bb, files, f"decoding {root}"), torch.tensor(labels), classes, None
+
+
+def _batches(pixels: torch.Tensor, size: int, desc: str) -> Iterator[torch.Tensor]:
+    for i in tqdm(range(0, pixels.shape[0], size), desc=desc, unit="batch", disable=None):
+        yield pixels[i : i + size]
+
+
+def cmd_decompose_check(args: argparse.Namespace) -> int:
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    if args.images is None and not args.world:
+        pixels = torch.randn(args.n, 3, bb.geometry.image_size, bb.geometry.image_size)
+    else:
+        pixels = _source(bb, args)[0]
+    ln = LinearisedLN(bb)
+    worst = 0.0
+    for batch in _batches(pixels, args.batch_size, "decomposing"):
+        dec = decompose(bb, batch, ln)
+        err = ((dec.units.sum(1) - dec.embedding).norm(dim=-1) / dec.embedding.norm(dim=-1)).max()
+        worst = max(worst, float(err))
+    g = bb.geometry
+    print(json.dumps({"model": bb.name, "weights_id": bb.weights_id, "images": int(pixels.shape[0]),
+                      "units": g.n_units, "max_relative_error": worst}))
+    return 0 if worst <= args.tolerance else 1
+
+
+def cmd_spectrum(args: argparse.Namespace) -> int:
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    pixels = _source(bb, args)[0]
+    basis = fit_basis(bb, _batches(pixels, args.batch_size, "streaming PCA"),
+                      source={"images": args.images, "world": args.world, "n": int(pixels.shape[0])})
+    if args.out:
+        basis.save(args.out)
+    pca = basis.pca()
+    k90, k99, pr = pca.k_at(0.9), pca.k_at(0.99), pca.participation_ratio
+    print(f"{'unit':<12}{'k@0.9':>7}{'k@0.99':>8}{'PR':>8}{'EVR1':>7}")
+    for u, unit in enumerate(basis.table):
+        print(f"{unit.label:<12}{int(k90[u]):>7}{int(k99[u]):>8}{float(pr[u]):>8.2f}{float(pca.evr[u, 0]):>7.2f}")
+    if args.out:
+        print(f"basis {basis.hash} written to {args.out}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    basis = Basis.load(args.basis)
+    pixels, labels, classes, task_templates = _source(bb, args, "train")
+    templates = args.templates or task_templates or DEFAULT_TEMPLATES
+    raw, _ = extract_batched(bb, pixels, args.batch_size)
+    ln = LinearisedLN(bb)
+    cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates, device=bb.device)
+
+    def progress(p: dict[str, object]) -> None:
+        print(f"epoch {p['epoch']}/{p['max_epochs']} val_accuracy {p['val_accuracy']:.4f}", file=sys.stderr)
+
+    cfg = FitConfig(variant=args.variant, max_epochs=args.epochs, seed=args.seed, lr=args.lr)
+    result = fit((raw, labels), cls, bb.logit_scale, basis, ln, classes, templates, cfg, progress=progress)
+    result.coefficients.save(args.out)
+    rep = {k: v for k, v in result.report.items() if k != "history"}
+    print(json.dumps(rep, indent=2))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    pixels, labels, classes, task_templates = _source(bb, args)
+    templates = args.templates or task_templates or DEFAULT_TEMPLATES
+    cs = None
+    if args.coefficients:
+        basis = Basis.load(args.basis) if args.basis else None
+        cs = CoefficientSet.load(args.coefficients, basis)
+        if basis is None and cs.basis_hash is not None:
+            raise SystemExit("this coefficient set needs its basis: pass --basis")
+        classes, templates = (args.classes.split(",") if args.classes else cs.classes), cs.templates
+    elif args.classes:
+        classes = args.classes.split(",")
+    cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates, device=bb.device)
+    ln = LinearisedLN(bb)
+    fused = fuse(resolve(cs, basis), ln) if cs is not None and basis is not None else None
+    preds = []
+    for batch in _batches(pixels, args.batch_size, "classifying"):
+        raw, emb = extract_batched(bb, batch, args.batch_size)
+        y = apply_fused(raw, fused, ln) if fused is not None else emb
+        preds.append(zero_shot_logits(y, cls, bb.logit_scale).argmax(-1).cpu())
+    pred = torch.cat(preds)
+    same_classes = not args.classes or args.classes.split(",") == classes
+    if labels.numel() and same_classes and (args.world or args.images):
+        acc = float((pred == labels).float().mean())
+        print(json.dumps({"images": int(pred.numel()), "accuracy": acc}))
+    else:
+        for p in pred.tolist():
+            print(classes[p])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="residual", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default="residual-tiny", help="open_clip architecture or embedded model")
+        sp.add_argument("--pretrained", default=None, help="checkpoint path, open_clip tag, or 'random'")
+        sp.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+        sp.add_argument("--world", default=None, help="embedded world task as image source, TASK[:SPLIT]")
+        sp.add_argument("--n", type=int, default=None, help="images drawn from --world (default: split size)")
+        sp.add_argument("--batch-size", type=int, default=128)
+
+    sp = sub.add_parser("decompose-check", help="check that the units sum to the embedding")
+    common(sp)
+    sp.add_argument("--images", default=None, help="ImageFolder root (default: random pixels)")
+    sp.add_argument("--tolerance", type=float, default=1e-5)
+    sp.set_defaults(func=cmd_decompose_check, n=8)
+
+    sp = sub.add_parser("spectrum", help="fit per-unit PCA bases and print the spectra")
+    common(sp)
+    sp.add_argument("--images", default=None, help="ImageFolder root")
+    sp.add_argument("--out", default=None, help="write the basis (.safetensors)")
+    sp.set_defaults(func=cmd_spectrum)
+
+    sp = sub.add_parser("fit", help="fit a coefficient set on labelled images")
+    common(sp)
+    sp.add_argument("--train", default=None, help="ImageFolder root of the training images")
+    sp.add_argument("--basis", required=True, help="basis file (.safetensors)")
+    sp.add_argument("--variant", choices=VARIANTS, default="full")
+    sp.add_argument("--templates", nargs="*", default=None, help="prompt templates, each with {}")
+    sp.add_argument("--epochs", type=int, default=30)
+    sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="coefficient set to write (.safetensors)")
+    sp.set_defaults(func=cmd_fit)
+
+    sp = sub.add_parser("classify", help="classify images zero-shot or with a coefficient set")
+    common(sp)
+    sp.add_argument("--images", default=None, help="ImageFolder root (prints accuracy) ")
+    sp.add_argument("--classes", default=None, help="comma-separated class names")
+    sp.add_argument("--templates", nargs="*", default=None)
+    sp.add_argument("--coefficients", default=None, help="coefficient set (.safetensors)")
+    sp.add_argument("--basis", default=None, help="basis of the coefficient set")
+    sp.set_defaults(func=cmd_classify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ResidualError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The reference basis of the embedded model: per-unit PCA on a documented set of world images.
+
+Reference set: ``REFERENCE_SIZE`` images drawn from the training distribution of the world (``sample_scene``
+with no attribute pinned: 60 % single objects, 20 % digits, 20 % multi-object scenes), scene seed
+``REFERENCE_SEED``, pixel-noise seed ``REFERENCE_SEED``. The basis of the shipped weights ships next to them
+(``residual/weights/residual-tiny.basis.safetensors``); for other weights it is built on first use (about a
+minute on 2 CPU cores) and cached under ``cache_dir``.
+
+    python -m residual.tiny.reference            # rebuild the shipped basis
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from residual.backbone import EMBEDDED_MODELS, Backbone, load_backbone
+from residual.basis import Basis, fit_basis
+from residual.tiny import world
+
+__all__ = ["REFERENCE_SEED", "REFERENCE_SIZE", "reference_basis", "reference_source"]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_SIZE = 10_000
+REFERENCE_SEED = 20_241_101
+_CHUNK = 500
+
+
+def reference_source() -> dict[str, object]:
+    return {"kind": "world", "distribution": "sample_scene (training mixture)", "n": REFERENCE_SIZE,
+            "seed": REFERENCE_SEED}
+
+
+def _batches(bb: Backbone) -> Iterator[torch.Tensor]:
+    rng = np.random.default_rng(REFERENCE_SEED)
+    for i in range(0, REFERENCE_SIZE, _CHUNK):
+        scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, REFERENCE_SIZE - i))]
+        images = world.render_batch(scenes, side=bb.geometry.image_size, seed=REFERENCE_SEED + i)
+        yield bb.pixels_from_arrays(images)
+
+
+def shipped_basis_path(name: str = "residual-tiny") -> Path:
+    return EMBEDDED_MODELS[name].with_name(f"{name}.basis.safetensors")
+
+
+def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = None) -> Basis:
+    """The shipped basis when it belongs to ``bb``'s weights, else a cached or freshly built one."""
+    candidates = [shipped_basis_path()] if bb.name in EMBEDDED_MODELS else []
+    cache = Path(cache_dir) / f"{bb.name}-{bb.weights_id.replace(':', '_')}.basis.safetensors" if cache_dir else None
+    if cache is not None:
+        candidates.append(cache)
+    for path in candidates:
+        if path.is_file():
+            basis = Basis.load(path)
+            if basis.weights_id == bb.weights_id:
+                return basis
+    logger.info("building the reference basis of %s (%d world images)", bb.name, REFERENCE_SIZE)
+    basis = fit_basis(bb, _batches(bb), source=reference_source())
+    if cache is not None:
+        basis.save(cache)
+    return basis
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO)
+    bb = load_backbone("residual-tiny", device="cpu")
+    basis = fit_basis(bb, _batches(bb), source=reference_source())
+    h = basis.save(shipped_basis_path())
+    logger.info("wrote %s (%s)", shipped_basis_path(), h)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

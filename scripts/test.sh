@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: set up .venv if needed, then run the default test tiers (everything not gpu/slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+.venv/bin/ruff check residual service tests bench
+exec .venv/bin/python -m pytest -m "not gpu and not slow" "$@"

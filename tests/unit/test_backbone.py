@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from residual import UnsupportedModelError, WeightsError, load_backbone
+from residual.backbone import EMBEDDED_MODELS
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(UnsupportedModelError, match="unknown model"):
+        load_backbone("no-such-model", device="cpu")
+
+
+def test_missing_checkpoint() -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_backbone("residual-tiny", pretrained="/nonexistent/w.safetensors", device="cpu")
+
+
+def test_malicious_torch_checkpoint_is_refused(tmp_path) -> None:
+    sentinel = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": Evil()}, path)
+    with pytest.raises(WeightsError, match="refusing"):
+        load_backbone("residual-tiny", pretrained=path, device="cpu")
+    assert not sentinel.exists()
+
+
+def test_torch_checkpoint_loads_with_weights_only(tmp_path, tiny) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({k: v.clone() for k, v in tiny.model.state_dict().items()}, path)
+    bb = load_backbone("residual-tiny", pretrained=path, device="cpu")
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(bb.encode_image(x), tiny.encode_image(x))
+
+
+def test_shipped_checkpoint_hash_is_recorded() -> None:
+    card = json.loads(Path(EMBEDDED_MODELS["residual-tiny"]).with_suffix(".card.json").read_text())
+    assert load_backbone("residual-tiny", device="cpu").weights_id == card["weights_id"]
+
+
+def test_weights_id_depends_on_content() -> None:
+    torch.manual_seed(0)
+    a = load_backbone("residual-tiny", pretrained="random", device="cpu")
+    torch.manual_seed(1)
+    b = load_backbone("residual-tiny", pretrained="random", device="cpu")
+    assert a.weights_id != b.weights_id
+
+
+def test_default_device_and_precision(tiny) -> None:
+    assert tiny.device.type == ("cuda" if torch.cuda.is_available() else "cpu") or tiny.device.type == "cpu"
+    with pytest.raises(ValueError, match="precision"):
+        load_backbone("residual-tiny", precision="int3")
