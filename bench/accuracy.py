@@ -41,9 +41,10 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
         b = torch.zeros(n_classes, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
-        def closure() -> torch.Tensor:
+        def closure(opt: torch.optim.LBFGS = opt, w: torch.Tensor = w, b: torch.Tensor = b, wd: float = wd
+                    ) -> torch.Tensor:
             opt.zero_grad()
-            loss = F.cross_entropy(xtr @ w * 10 + b, train[1]) + wd * (w**2).sum()  # noqa: B023
+            loss = F.cross_entropy(xtr @ w * 10 + b, train[1]) + wd * (w**2).sum()
             loss.backward()
             return loss
 

@@ -1,0 +1,1 @@
+"""ResiDual Serve: the HTTP service (FastAPI) around the ``residual`` library."""

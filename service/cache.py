@@ -1,0 +1,158 @@
+"""Text-embedding cache: class matrices in process (LRU) and in Redis, prompt embeddings in Redis.
+
+Entries are raw little-endian float32 bytes behind a one-line header naming dtype and shape
+(``float32 128\\n`` or ``float32 10x128\\n``); never pickle. Keys carry the model weights id, so two models
+never share entries. Redis failures never fail a request: the cache marks Redis down for ``retry_s``,
+computes directly, and tries Redis again afterwards (self-healing without a restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import redis
+import torch
+
+from residual.classifier import fill_templates, prompt_embeddings_to_classes
+from service.metrics import Metrics
+
+__all__ = ["RedisState", "TextCache", "decode_array", "encode_array"]
+
+logger = logging.getLogger(__name__)
+
+
+def encode_array(t: torch.Tensor) -> bytes:
+    arr = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return f"float32 {'x'.join(str(s) for s in arr.shape)}\n".encode() + arr.tobytes()
+
+
+def decode_array(blob: bytes) -> torch.Tensor:
+    head, sep, body = blob.partition(b"\n")
+    parts = head.decode("ascii", "replace").split(" ")
+    if not sep or len(parts) != 2 or parts[0] != "float32":
+        raise ValueError("not a cached float32 array")
+    shape = tuple(int(s) for s in parts[1].split("x"))
+    if int(np.prod(shape)) * 4 != len(body):
+        raise ValueError("cached array size does not match its header")
+    return torch.from_numpy(np.frombuffer(body, dtype="<f4").reshape(shape).copy())
+
+
+class RedisState:
+    """A Redis client that backs off after a failure and reports up/down."""
+
+    def __init__(self, url: str, timeout_s: float, retry_s: float, metrics: Metrics) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.retry_s = retry_s
+        self.metrics = metrics
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.up = False
+
+    def call(self, fn: Callable[[redis.Redis], object]) -> object | None:
+        """Run ``fn(client)``; None when Redis is (or just went) down."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            result = fn(self.client)
+        except (redis.RedisError, OSError) as exc:
+            with self._lock:
+                self._down_until = time.monotonic() + self.retry_s
+                self.up = False
+            self.metrics.redis_up.set(0)
+            self.metrics.redis_errors.inc()
+            logger.warning("redis unavailable (%s); retrying in %.1fs", type(exc).__name__, self.retry_s)
+            return None
+        self.up = True
+        self.metrics.redis_up.set(1)
+        return result
+
+    def ping(self) -> bool:
+        self._down_until = 0.0  # an explicit health check always tries
+        return bool(self.call(lambda c: c.ping()))
+
+
+class TextCache:
+    def __init__(self, weights_id: str, encode: Callable[[list[str]], torch.Tensor], state: RedisState,
+                 ttl_s: int, lru_size: int, metrics: Metrics) -> None:
+        self.weights_id = weights_id
+        self.encode = encode  # prompts -> (n, d) raw text embeddings
+        self.redis = state
+        self.ttl_s = ttl_s
+        self.lru_size = lru_size
+        self.metrics = metrics
+        self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _key(self, kind: str, ident: str) -> str:
+        return f"residual:{kind}:{self.weights_id}:{ident}"
+
+    @staticmethod
+    def _digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def class_embeddings(self, label_set_id: str, classes: list[str], templates: list[str]) -> torch.Tensor:
+        """(C, d) unit-norm class embeddings; zero text-encoder forwards for a label set seen before."""
+        with self._lock:
+            hit = self._lru.get(label_set_id)
+            if hit is not None:
+                self._lru.move_to_end(label_set_id)
+                self.metrics.text_cache_lookups.labels(tier="memory").inc()
+                return hit
+        mkey = self._key("classes", label_set_id)
+        blob = self.redis.call(lambda c: c.get(mkey))
+        if isinstance(blob, bytes):
+            try:
+                emb = decode_array(blob)
+                if emb.shape[0] == len(classes):
+                    self.metrics.text_cache_lookups.labels(tier="redis").inc()
+                    self._remember(label_set_id, emb)
+                    return emb
+            except ValueError:
+                logger.warning("dropping a malformed cache entry %s", mkey)
+        self.metrics.text_cache_lookups.labels(tier="miss").inc()
+        prompts = fill_templates(classes, templates)
+        prompt_emb = self._prompt_embeddings(prompts)
+        emb = prompt_embeddings_to_classes(prompt_emb, len(classes), len(templates))
+        self.redis.call(lambda c: c.set(mkey, encode_array(emb), ex=self.ttl_s))
+        self._remember(label_set_id, emb)
+        return emb
+
+    def _prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        keys = [self._key("prompt", self._digest(p)) for p in prompts]
+        cached = self.redis.call(lambda c: c.mget(keys))
+        found: list[torch.Tensor | None] = [None] * len(prompts)
+        if isinstance(cached, list):
+            for i, blob in enumerate(cached):
+                if isinstance(blob, bytes):
+                    try:
+                        found[i] = decode_array(blob)
+                    except ValueError:
+                        found[i] = None
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            fresh = self.encode([prompts[i] for i in missing]).float().cpu()
+            self.metrics.text_encoder_prompts.inc(len(missing))
+            for j, i in enumerate(missing):
+                found[i] = fresh[j]
+
+            def write(c: redis.Redis) -> None:
+                pipe = c.pipeline(transaction=False)
+                for j, i in enumerate(missing):
+                    pipe.set(keys[i], encode_array(fresh[j]), ex=self.ttl_s)
+                pipe.execute()
+
+            self.redis.call(write)
+        return torch.stack([f for f in found if f is not None])
+
+    def _remember(self, label_set_id: str, emb: torch.Tensor) -> None:
+        with self._lock:
+            self._lru[label_set_id] = emb
+            self._lru.move_to_end(label_set_id)
+            while len(self._lru) > self.lru_size:
+                self._lru.popitem(last=False)

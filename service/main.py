@@ -1,0 +1,212 @@
+"""The FastAPI app: ``create_app(settings)``; ``residual-serve`` runs it under uvicorn.
+
+Lifecycle: the process answers ``/livez`` at once; the model loads in a background thread and runs one
+warm-up forward (text and image); ``/readyz`` is 503 until then, 200 after. One uvicorn worker per process
+(metrics live in the process); scale with replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from residual import extract
+from service.batcher import Batcher
+from service.cache import RedisState, TextCache
+from service.deps import Runtime
+from service.errors import error_body, install
+from service.metrics import Metrics
+from service.model_store import ModelStore
+from service.routes import classify, health
+from service.schemas import ClassifyRequest
+from service.settings import Settings, get_settings
+
+__all__ = ["create_app", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 once a request body exceeds ``limit`` bytes, counted while it streams.
+
+    Honest Content-Length is refused before reading; chunked or lying bodies are cut off as soon as the running
+    count passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_413(send, self.limit)
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_413(send, self.limit)
+
+
+class RequestMetrics:
+    """ASGI middleware: request duration by route template and status (outermost, so 413s count too)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request_seconds.labels(route=route, status=str(status["code"])).observe(
+                time.perf_counter() - started)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    import json
+
+    body = json.dumps(error_body("payload_too_large", f"request body exceeds {limit} bytes")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _load(rt: Runtime) -> None:
+    """Blocking: load the model, warm it up, and publish the store (readiness flips here)."""
+    s = rt.settings
+    try:
+        store = ModelStore(s)
+        bb = store.backbone
+        text = TextCache(bb.weights_id, store.encode_prompts, rt.redis, s.text_cache_ttl_s, s.label_set_cache_size,
+                         rt.metrics)
+        size = bb.geometry.image_size
+        extract(bb, torch.zeros(1, 3, size, size))  # warm-up forward
+        store.encode_prompts(["a photo."])
+        store.text_forwards = 0
+        rt.text = text
+        rt.store = store
+        logger.info("model %s (%s) ready on %s; auth %s", bb.name, bb.weights_id, bb.device,
+                    "open (no API keys configured)" if s.api_key is None and s.admin_api_key is None else "enabled")
+    except Exception as exc:  # noqa: BLE001 - reported by /readyz, logged with traceback
+        logger.exception("model load failed")
+        rt.load_error = f"{type(exc).__name__}: {exc}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+    runtime = Runtime(settings=settings, metrics=metrics,
+                      redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(asyncio.to_thread(_load, runtime))
+
+        async def start_batcher() -> None:
+            await loader
+            if runtime.store is not None:
+                store = runtime.store
+                runtime.batcher = Batcher(lambda px: extract(store.backbone, px), settings.max_batch_size,
+                                          settings.max_wait_ms / 1000, settings.max_queue, settings.batching, metrics)
+                runtime.batcher.start()
+
+        starter = asyncio.create_task(start_batcher())
+        try:
+            yield
+        finally:
+            starter.cancel()
+            if runtime.batcher is not None:
+                await runtime.batcher.stop()
+            runtime.redis.client.close()
+
+    app = FastAPI(title="ResiDual Serve", version="0.1.0", lifespan=lifespan,
+                  description="CLIP zero-shot classification aligned to your label set with ResiDual coefficient "
+                              "sets. Errors: `{\"error\": {\"type\", \"message\"}}`.")
+    app.state.runtime = runtime
+    install(app)
+    app.include_router(health.router)
+    app.include_router(classify.router)
+
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+
+    def openapi() -> dict[str, object]:
+        """The default schema plus the models of bodies that routes parse themselves (JSON or multipart)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            extra = ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(extra.pop("$defs", {}))
+            components["ClassifyRequest"] = extra
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="residual-serve", description="Run the ResiDual Serve HTTP API. "
+                                "Every RESIDUAL_* environment variable is a setting (see README).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

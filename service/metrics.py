@@ -1,0 +1,37 @@
+"""Prometheus metrics of one API process (one uvicorn worker per pod; scale with replicas, not workers).
+
+Each app owns its registry, so several apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_seconds = Histogram("residual_http_request_duration_seconds", "HTTP request duration",
+                                         ["route", "status"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("residual_backbone_batch_size", "images per backbone forward",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue_depth = Gauge("residual_backbone_queue_depth", "images waiting for the backbone", registry=r)
+        self.forward_seconds = Histogram("residual_backbone_forward_seconds", "backbone forward duration",
+                                         buckets=_LATENCY, registry=r)
+        self.text_cache_lookups = Counter("residual_text_cache_lookups_total",
+                                          "label-set class-embedding lookups by tier", ["tier"], registry=r)
+        self.text_encoder_prompts = Counter("residual_text_encoder_prompts_total",
+                                            "prompts run through the text encoder", registry=r)
+        self.images_classified = Counter("residual_images_classified_total", "images classified", registry=r)
+        self.coefficient_sets_loaded = Counter("residual_coefficient_sets_loaded_total",
+                                               "coefficient sets loaded into memory", registry=r)
+        self.redis_up = Gauge("residual_redis_up", "1 when the last Redis call succeeded", registry=r)
+        self.redis_errors = Counter("residual_redis_errors_total", "failed Redis calls", registry=r)
+        self.backbone_errors = Counter("residual_backbone_errors_total", "failed backbone batches", registry=r)
+        self.rejected = Counter("residual_requests_rejected_total", "requests refused before the backbone",
+                                ["reason"], registry=r)

@@ -1,0 +1,161 @@
+"""``POST /classify`` and the label-set registry (``POST /label-sets``, ``GET /label-sets/{id}``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Request
+from PIL import Image
+from pydantic import ValidationError
+
+from residual import apply_fused, zero_shot_logits
+from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, validate_label_set
+from service.errors import InvalidRequest, Timeout, UnsupportedMedia
+from service.images import decode_base64, decode_image
+from service.schemas import ClassifyRequest, ClassifyResponse, ImageResult, LabelSet, LabelSetCreated, LabelSetOut
+
+router = APIRouter(tags=["classify"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "unknown label set or coefficient set"},
+    413: {"description": "request or image too large"},
+    415: {"description": "unsupported or undecodable image"},
+    422: {"description": "invalid request"},
+    429: {"description": "overloaded; retry after Retry-After seconds"},
+    503: {"description": "not ready, or the backbone failed on this batch"},
+    504: {"description": "the request did not finish within the request timeout"},
+}
+
+
+async def _parse(request: Request, rt: Runtime) -> tuple[ClassifyRequest, list[bytes]]:
+    """JSON body (base64 images) or multipart (file parts named 'images' + form fields)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        limit = rt.settings.max_images + 8
+        form = await request.form(max_files=limit, max_fields=limit, max_part_size=rt.settings.max_request_bytes)
+        blobs: list[bytes] = []
+        fields: dict[str, Any] = {"images": []}
+        for key, value in form.multi_items():
+            if key == "images" and not isinstance(value, str):
+                blobs.append(await value.read())
+            elif key == "label_set" and isinstance(value, str):
+                try:
+                    fields[key] = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise InvalidRequest("label_set form field is not JSON") from exc
+            elif key in ("top_k", "label_set_id", "coefficients") and isinstance(value, str):
+                fields[key] = value
+            else:
+                raise InvalidRequest(f"unexpected form field {key!r}")
+        try:
+            body = ClassifyRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise InvalidRequest(_validation_message(exc)) from exc
+        return body, blobs
+    if not ctype.startswith("application/json"):
+        raise UnsupportedMedia("send application/json (base64 images) or multipart/form-data (image files)")
+    try:
+        payload = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+    try:
+        body = ClassifyRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidRequest(_validation_message(exc)) from exc
+    return body, [decode_base64(s, i) for i, s in enumerate(body.images)]
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)
+
+
+def _decode_all(blobs: list[bytes], rt: Runtime) -> torch.Tensor:
+    assert rt.store is not None
+    pre = rt.store.backbone.preprocess
+    tensors = []
+    for i, blob in enumerate(blobs):
+        image: Image.Image = decode_image(blob, rt.settings.max_image_pixels, i)
+        tensors.append(pre(image))
+    return torch.stack(tensors)
+
+
+@router.post("/classify", response_model=ClassifyResponse, dependencies=[ApiKey], responses=_ERRORS,
+             summary="Classify images against a label set, zero-shot or with a fitted coefficient set",
+             openapi_extra={"requestBody": {"content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}},
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                     "label_set": {"type": "string", "description": "LabelSet as JSON"},
+                     "label_set_id": {"type": "string"}, "coefficients": {"type": "string"},
+                     "top_k": {"type": "integer"}}}}}, "required": True}})
+async def classify(request: Request, rt: RuntimeDep) -> ClassifyResponse:
+    """Images as base64 JSON or multipart files; label set inline, by id, or the coefficient set's own.
+
+    Scores are softmax probabilities of ``exp(logit_scale) * cos(image, class)``, top ``top_k`` per image.
+    """
+    store, text, batcher, s = rt.store, rt.text, rt.batcher, rt.settings
+    assert store is not None and text is not None and batcher is not None
+    body, blobs = await _parse(request, rt)
+    if not blobs:
+        raise InvalidRequest(f"images is empty; send 1 to {s.max_images} images")
+    if len(blobs) > s.max_images:
+        raise InvalidRequest(f"{len(blobs)} images; the limit per request is {s.max_images}")
+    if body.label_set is not None and body.label_set_id is not None:
+        raise InvalidRequest("give label_set or label_set_id, not both")
+    loaded = await asyncio.to_thread(store.resolve_coefficients, body.coefficients) if body.coefficients else None
+    if body.label_set is not None:
+        classes, templates = validate_label_set(body.label_set.classes, body.label_set.templates, s)
+    elif body.label_set_id is not None:
+        classes, templates = store.get_label_set(body.label_set_id)
+    elif loaded is not None:
+        classes, templates = loaded.coefficients.classes, loaded.coefficients.templates
+    else:
+        raise InvalidRequest("give label_set, label_set_id, or coefficients (whose label set is then used)")
+    ls_id = store.register_label_set(classes, templates) if body.label_set is not None else (
+        body.label_set_id or store.register_label_set(classes, templates))
+
+    async def run() -> torch.Tensor:
+        pixels = await asyncio.to_thread(_decode_all, blobs, rt)
+        class_emb_task = asyncio.to_thread(text.class_embeddings, ls_id, classes, templates)
+        (raw, emb), class_emb = await asyncio.gather(batcher.submit(pixels), class_emb_task)
+        y = apply_fused(raw, loaded.fused, store.ln) if loaded is not None else emb
+        logits = zero_shot_logits(y, class_emb.to(y.device), store.backbone.logit_scale.to(y.device))
+        return logits.float().softmax(-1).cpu()
+
+    try:
+        probs = await asyncio.wait_for(run(), s.request_timeout_s)
+    except TimeoutError as exc:
+        rt.metrics.rejected.labels(reason="timeout").inc()
+        raise Timeout(f"the request did not finish within {s.request_timeout_s:g} s") from exc
+    k = min(body.top_k or s.default_top_k, len(classes))
+    top = probs.topk(k, dim=-1)
+    results = [ImageResult(top=[{"label": classes[j], "score": float(p)}  # type: ignore[misc]
+                                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)])
+               for i in range(probs.shape[0])]
+    rt.metrics.images_classified.inc(len(results))
+    return ClassifyResponse(model=store.backbone.name, weights_id=store.backbone.weights_id,
+                            coefficients=loaded.ref if loaded else None, label_set_id=ls_id, results=results)
+
+
+@router.post("/label-sets", response_model=LabelSetCreated, status_code=201, dependencies=[AdminKey],
+             responses={422: {"description": "invalid label set"}}, summary="Register a label set")
+async def create_label_set(label_set: LabelSet, rt: RuntimeDep) -> LabelSetCreated:
+    """The id is a content hash of the model weights id, the classes and the templates (idempotent)."""
+    assert rt.store is not None
+    classes, templates = validate_label_set(label_set.classes, label_set.templates, rt.settings)
+    return LabelSetCreated(label_set_id=rt.store.register_label_set(classes, templates))
+
+
+@router.get("/label-sets/{label_set_id}", response_model=LabelSetOut, dependencies=[ApiKey],
+            responses={404: {"description": "unknown label set"}}, summary="Read a registered label set")
+async def get_label_set(label_set_id: str, rt: RuntimeDep) -> LabelSetOut:
+    assert rt.store is not None
+    classes, templates = rt.store.get_label_set(label_set_id)
+    return LabelSetOut(label_set_id=label_set_id, classes=classes, templates=templates)

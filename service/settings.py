@@ -1,0 +1,51 @@
+"""Service settings: environment variables with the prefix ``RESIDUAL_`` (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field documents itself in ``/docs`` and in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="RESIDUAL_", extra="ignore")
+
+    model_name: str = Field("residual-tiny", description="open_clip architecture or embedded model name")
+    model_weights: str | None = Field(
+        None, description="local checkpoint (.safetensors or torch file); default: the embedded model's weights")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="parameter storage precision")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the text-embedding cache")
+    redis_timeout_s: PositiveFloat = Field(0.1, description="socket timeout of every cache call")
+    redis_retry_s: PositiveFloat = Field(2.0, description="after a Redis failure, wait this long before retrying")
+    artifact_dir: Path = Field(Path("artifacts"), description="coefficient sets, bases, label sets, feature caches")
+    text_cache_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="TTL of prompt embeddings in Redis")
+    label_set_cache_size: PositiveInt = Field(256, description="class-embedding matrices kept in process (LRU)")
+
+    max_images: PositiveInt = Field(64, description="images per /classify request")
+    max_batch_size: PositiveInt = Field(64, description="images per backbone forward (cross-request batching)")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    batching: bool = Field(True, description="merge concurrent requests into one backbone batch")
+    max_queue: PositiveInt = Field(256, description="images waiting for the backbone before 429")
+    request_timeout_s: PositiveFloat = Field(30.0, description="per-request deadline before 504")
+    max_request_bytes: PositiveInt = Field(16 * 1024 * 1024, description="request body limit (413)")
+    max_image_pixels: PositiveInt = Field(40_000_000, description="decoded pixel ceiling per image (413)")
+    max_classes: PositiveInt = Field(1000, description="classes per label set")
+    max_templates: PositiveInt = Field(100, description="templates per label set")
+    max_prompt_chars: PositiveInt = Field(300, description="characters per class name or template")
+    default_top_k: PositiveInt = Field(5, description="labels returned per image when top_k is not given")
+
+    api_key: SecretStr | None = Field(None, description="Bearer key for /classify and read routes (None: open)")
+    admin_api_key: SecretStr | None = Field(None, description="Bearer key for admin routes (None: open)")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,310 @@
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from residual import apply_fused, class_embeddings, extract, init_coefficients, zero_shot_logits
+from residual.basis import Basis
+from residual.tiny import tasks
+from residual.tiny.reference import shipped_basis_path
+from service.main import create_app
+from tests.redis_server import start_private
+from tests.service.conftest import make_settings, metric, png_b64, wait_ready
+
+TASK = tasks.TASKS["colour"]
+
+
+def _images(n: int = 4, task: str = "colour") -> tuple[np.ndarray, np.ndarray]:
+    images, labels, _ = tasks.task_images(task, "test", n=n)
+    return images, labels
+
+
+def _library_probs(client: TestClient, images: np.ndarray, classes: list[str], templates: list[str],
+                   coefficients: str | None = None) -> torch.Tensor:
+    store = client.app.state.runtime.store
+    bb = store.backbone
+    pixels = torch.stack([bb.preprocess(Image.open(io.BytesIO(base64.b64decode(png_b64(a))))) for a in images])
+    raw, emb = extract(bb, pixels)
+    if coefficients is not None:
+        loaded = store.resolve_coefficients(coefficients)
+        emb = apply_fused(raw, loaded.fused, store.ln)
+    cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates)
+    return zero_shot_logits(emb, cls, bb.logit_scale).softmax(-1)
+
+
+def _scores(result: dict, classes: list[str]) -> torch.Tensor:
+    by_label = {p["label"]: p["score"] for p in result["top"]}
+    return torch.tensor([by_label[c] for c in classes])
+
+
+def test_readyz_reports_model_and_redis(client: TestClient) -> None:
+    body = client.get("/readyz").json()
+    assert body["status"] == "ready" and body["redis"] == "up" and body["model"] == "residual-tiny"
+    assert body["weights_id"].startswith("sha256:") and body["auth"] == "open"
+    assert client.get("/livez").json() == {"status": "alive"}
+
+
+def test_zero_shot_matches_library(client: TestClient) -> None:
+    images, _ = _images()
+    classes, templates = list(TASK.classes), list(TASK.templates)
+    r = client.post("/classify", json={"images": [png_b64(a) for a in images],
+                                       "label_set": {"classes": classes, "templates": templates},
+                                       "top_k": len(classes)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["coefficients"] is None and len(body["results"]) == len(images)
+    expected = _library_probs(client, images, classes, templates)
+    for i, res in enumerate(body["results"]):
+        torch.testing.assert_close(_scores(res, classes), expected[i], atol=1e-4, rtol=0)
+        assert abs(sum(p["score"] for p in res["top"]) - 1) < 1e-4
+
+
+def _publish(artifacts: Path, name: str, version: str, seed: int, variant: str = "full") -> None:
+    basis = Basis.load(shipped_basis_path())
+    gen = torch.Generator().manual_seed(seed)
+    cs = init_coefficients(variant, basis, list(TASK.classes), list(TASK.templates), init="randn", generator=gen)
+    folder = artifacts / "coefficients" / name
+    cs.save(folder / f"{version}.safetensors")
+    (folder / "ACTIVE").write_text(version)
+
+
+def test_coefficient_set_matches_library_fused_path(client: TestClient, artifacts: Path) -> None:
+    _publish(artifacts, "colour-test", "v1", seed=1)
+    images, _ = _images()
+    r = client.post("/classify", json={"images": [png_b64(a) for a in images], "coefficients": "colour-test",
+                                       "top_k": len(TASK.classes)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["coefficients"] == "colour-test@v1"
+    expected = _library_probs(client, images, list(TASK.classes), list(TASK.templates), "colour-test@v1")
+    zero_shot = _library_probs(client, images, list(TASK.classes), list(TASK.templates))
+    assert not torch.allclose(expected, zero_shot, atol=1e-3)  # the coefficient set really changes the scores
+    for i, res in enumerate(body["results"]):
+        torch.testing.assert_close(_scores(res, list(TASK.classes)), expected[i], atol=1e-4, rtol=0)
+
+
+def test_repeated_label_set_costs_no_text_forward_even_after_restart(artifacts: Path, redis_server) -> None:
+    classes = [f"thing-{uuid.uuid4().hex[:8]}" for _ in range(3)]  # never seen by this Redis
+    payload = {"images": [png_b64(_images(1)[0][0])], "label_set": {"classes": classes}}
+    with TestClient(create_app(make_settings(artifacts, redis_server.url))) as c:
+        wait_ready(c)
+        assert c.post("/classify", json=payload).status_code == 200
+        first = metric(c, "residual_text_encoder_prompts_total")
+        assert first > 0
+        assert c.post("/classify", json=payload).status_code == 200
+        assert metric(c, "residual_text_encoder_prompts_total") == first
+        assert metric(c, "residual_text_cache_lookups_total", 'tier="memory"') >= 1
+    with TestClient(create_app(make_settings(artifacts, redis_server.url))) as c:  # a restarted replica
+        wait_ready(c)
+        assert c.post("/classify", json=payload).status_code == 200
+        assert metric(c, "residual_text_encoder_prompts_total") == 0
+        assert metric(c, "residual_text_cache_lookups_total", 'tier="redis"') == 1
+
+
+def test_concurrent_requests_share_a_backbone_batch_and_mixed_sets_match_alone(artifacts: Path,
+                                                                              redis_server) -> None:
+    _publish(artifacts, "mix-a", "v1", seed=11)
+    _publish(artifacts, "mix-b", "v1", seed=12, variant="fine")
+    images, _ = _images(3)
+    refs = ["mix-a", "mix-b", None, "mix-a@v1"]
+    settings = make_settings(artifacts, redis_server.url, max_wait_ms=1500.0, max_batch_size=64)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        alone = []
+        for ref in refs:
+            body = {"images": [png_b64(a) for a in images], "top_k": len(TASK.classes),
+                    "label_set": {"classes": list(TASK.classes), "templates": list(TASK.templates)}}
+            if ref:
+                body["coefficients"] = ref
+            alone.append(body)
+        expected = [_library_probs(c, images, list(TASK.classes), list(TASK.templates), ref) for ref in refs]
+        before = metric(c, "residual_backbone_batch_size_count")
+        results: dict[int, dict] = {}
+        barrier = threading.Barrier(len(refs))
+
+        def call(i: int) -> None:
+            barrier.wait()
+            results[i] = c.post("/classify", json=alone[i]).json()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(refs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        batches = metric(c, "residual_backbone_batch_size_count") - before
+        images_run = metric(c, "residual_backbone_batch_size_sum")
+        assert batches < len(refs), "concurrent requests were not merged"
+        assert images_run >= len(refs) * len(images)
+        for i, ref in enumerate(refs):
+            assert results[i]["coefficients"] == (None if ref is None else ref.split("@")[0] + "@v1")
+            for j, res in enumerate(results[i]["results"]):
+                torch.testing.assert_close(_scores(res, list(TASK.classes)), expected[i][j], atol=1e-4, rtol=0)
+
+
+def test_label_set_registry(client: TestClient) -> None:
+    r = client.post("/label-sets", json={"classes": ["cat", "dog"], "templates": ["a {}."]})
+    assert r.status_code == 201
+    ident = r.json()["label_set_id"]
+    assert client.post("/label-sets", json={"classes": ["cat", "dog"], "templates": ["a {}."]}).json()[
+        "label_set_id"] == ident  # content hash: idempotent
+    assert client.get(f"/label-sets/{ident}").json() == {"label_set_id": ident, "classes": ["cat", "dog"],
+                                                        "templates": ["a {}."]}
+    r = client.post("/classify", json={"images": [png_b64(_images(1)[0][0])], "label_set_id": ident})
+    assert r.status_code == 200 and r.json()["label_set_id"] == ident
+
+
+@pytest.mark.parametrize(("payload", "fragment"), [
+    ({"images": [], "label_set": {"classes": ["a"]}}, "images is empty"),
+    ({"images": ["x"], "label_set": {"classes": []}}, "classes is empty"),
+    ({"images": ["x"], "label_set": {"classes": ["a", "a"]}}, "duplicate classes"),
+    ({"images": ["x"], "label_set": {"classes": ["a"], "templates": ["no slot"]}}, "must contain '{}'"),
+    ({"images": ["x"], "label_set": {"classes": ["a" * 5000]}}, "the limit is"),
+    ({"images": ["x"], "label_set": {"classes": ["a\x00b"]}}, "control characters"),
+    ({"images": ["x"], "label_set": {"classes": [f"c{i}" for i in range(1001)]}}, "the limit is 1000"),
+    ({"images": ["%%%"], "label_set": {"classes": ["a"]}}, "not valid base64"),
+    ({"images": ["x"]}, "give label_set"),
+    ({"images": ["x"], "label_set": {"classes": ["a"]}, "coefficients": "../../etc/passwd"}, "NAME@VERSION"),
+    ({"images": ["x"], "label_set_id": "../x"}, "not a label-set id"),
+    ({"images": ["x"], "label_set": {"classes": ["a"]}, "extra": 1}, "extra"),
+])
+def test_invalid_requests_answer_422(client: TestClient, payload: dict, fragment: str) -> None:
+    if payload.get("images") == ["x"]:
+        payload = {**payload, "images": [png_b64(_images(1)[0][0])]}
+    r = client.post("/classify", json=payload)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["type"] == "invalid_request"
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_too_many_images_422(client: TestClient) -> None:
+    one = png_b64(_images(1)[0][0])
+    r = client.post("/classify", json={"images": [one] * 65, "label_set": {"classes": ["a"]}})
+    assert r.status_code == 422 and "limit per request is 64" in r.json()["error"]["message"]
+
+
+def test_unknown_ids_answer_404(client: TestClient) -> None:
+    one = png_b64(_images(1)[0][0])
+    r = client.post("/classify", json={"images": [one], "label_set_id": "ls-" + "0" * 20})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    r = client.post("/classify", json={"images": [one], "coefficients": "nope"})
+    assert r.status_code == 404 and "unknown coefficient set" in r.json()["error"]["message"]
+    assert client.get("/label-sets/ls-" + "1" * 20).status_code == 404
+
+
+def test_bad_images_answer_415_and_do_not_disturb_others(client: TestClient) -> None:
+    good = png_b64(_images(1)[0][0])
+    buf = io.BytesIO()
+    Image.fromarray(_images(1)[0][0]).save(buf, "TIFF")
+    jpeg = io.BytesIO()
+    Image.fromarray(_images(1)[0][0]).save(jpeg, "JPEG")
+    truncated = jpeg.getvalue()[: len(jpeg.getvalue()) // 2]
+    for blob in (b"garbage bytes", buf.getvalue(), truncated):
+        r = client.post("/classify", json={"images": [good, base64.b64encode(blob).decode()],
+                                           "label_set": {"classes": ["a", "b"]}})
+        assert r.status_code == 415, r.text
+        assert r.json()["error"]["type"] == "unsupported_media" and "images[1]" in r.json()["error"]["message"]
+    assert client.post("/classify", json={"images": [good], "label_set": {"classes": ["a", "b"]}}).status_code == 200
+
+
+def test_oversized_inputs_answer_413(artifacts: Path, redis_server) -> None:
+    settings = make_settings(artifacts, redis_server.url, max_request_bytes=200_000, max_image_pixels=10_000)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        big = Image.new("RGB", (200, 200), (10, 20, 30))  # 40k pixels, a few hundred bytes as PNG
+        buf = io.BytesIO()
+        big.save(buf, "PNG")
+        r = c.post("/classify", json={"images": [base64.b64encode(buf.getvalue()).decode()],
+                                      "label_set": {"classes": ["a"]}})
+        assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
+        r = c.post("/classify", content=b"{" + b" " * 300_000 + b"}", headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+        def chunks():  # no Content-Length: counted while streaming
+            for _ in range(40):
+                yield b" " * 10_000
+
+        r = c.post("/classify", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        small = png_b64(_images(1)[0][0])
+        assert c.post("/classify", json={"images": [small], "label_set": {"classes": ["a"]}}).status_code == 200
+
+
+def test_queue_full_answers_429_with_retry_after(artifacts: Path, redis_server) -> None:
+    with TestClient(create_app(make_settings(artifacts, redis_server.url, max_queue=2))) as c:
+        wait_ready(c)
+        img = png_b64(_images(1)[0][0])
+        r = c.post("/classify", json={"images": [img] * 3, "label_set": {"classes": ["a"]}})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "overloaded"
+        assert c.post("/classify", json={"images": [img], "label_set": {"classes": ["a"]}}).status_code == 200
+
+
+def test_request_timeout_answers_504(artifacts: Path, redis_server) -> None:
+    with TestClient(create_app(make_settings(artifacts, redis_server.url, request_timeout_s=1e-4))) as c:
+        wait_ready(c)
+        r = c.post("/classify", json={"images": [png_b64(_images(1)[0][0])], "label_set": {"classes": ["a"]}})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+
+
+def test_not_ready_answers_503(artifacts: Path, redis_server) -> None:
+    settings = make_settings(artifacts, redis_server.url, model_weights=str(artifacts / "missing.safetensors"))
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/classify", json={"images": ["eA=="], "label_set": {"classes": ["a"]}})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+        assert c.get("/readyz").status_code == 503
+        assert c.get("/livez").status_code == 200
+
+
+def test_backbone_failure_fails_only_that_batch(client: TestClient) -> None:
+    batcher = client.app.state.runtime.batcher
+    real = batcher.forward
+    calls = {"n": 0}
+
+    def flaky(px):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(px)
+
+    batcher.forward = flaky
+    try:
+        img = png_b64(_images(1)[0][0])
+        r = client.post("/classify", json={"images": [img], "label_set": {"classes": ["a", "b"]}})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "backend_unavailable"
+        assert client.post("/classify", json={"images": [img], "label_set": {"classes": ["a", "b"]}}).status_code == 200
+    finally:
+        batcher.forward = real
+
+
+def test_redis_outage_keeps_classify_answering(artifacts: Path) -> None:
+    server = start_private()
+    try:
+        settings = make_settings(artifacts, server.url, redis_retry_s=0.2)
+        with TestClient(create_app(settings)) as c:
+            wait_ready(c)
+            img = png_b64(_images(1)[0][0])
+            assert c.post("/classify", json={"images": [img], "label_set": {"classes": ["p", "q"]}}).status_code == 200
+            server.stop()
+            r = c.post("/classify", json={"images": [img], "label_set": {"classes": ["r", "s"]}})
+            assert r.status_code == 200
+            ready = c.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["redis"] == "down" and ready.json()["status"] == "degraded"
+            assert metric(c, "residual_redis_errors_total") >= 1
+    finally:
+        server.stop()
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in ("/classify", "/label-sets", "/label-sets/{label_set_id}", "/readyz", "/livez", "/metrics"):
+        assert path in spec["paths"]
+    assert "examples" in spec["components"]["schemas"]["ClassifyRequest"]
