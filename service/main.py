@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from residual import extract
+from residual import RawFeatures, extract
 from service.batcher import Batcher
 from service.cache import RedisState, TextCache
 from service.deps import Runtime
@@ -119,11 +119,21 @@ async def _send_413(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def backbone_forward(store: ModelStore, pixels: torch.Tensor) -> tuple[RawFeatures, torch.Tensor]:
+    """One batched forward: pinned host memory and bf16 autocast on CUDA, plain fp32 on the CPU."""
+    bb = store.backbone
+    if bb.device.type == "cuda":
+        pixels = pixels.pin_memory().to(bb.device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return extract(bb, pixels)
+    return extract(bb, pixels)
+
+
 def _load(rt: Runtime) -> None:
     """Blocking: load the model, warm it up, and publish the store (readiness flips here)."""
     s = rt.settings
     try:
-        store = ModelStore(s)
+        store = ModelStore(s, on_coefficients_loaded=rt.metrics.coefficient_sets_loaded.inc)
         bb = store.backbone
         text = TextCache(bb.weights_id, store.encode_prompts, rt.redis, s.text_cache_ttl_s, s.label_set_cache_size,
                          rt.metrics)
@@ -154,7 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await loader
             if runtime.store is not None:
                 store = runtime.store
-                runtime.batcher = Batcher(lambda px: extract(store.backbone, px), settings.max_batch_size,
+                runtime.batcher = Batcher(lambda px: backbone_forward(store, px), settings.max_batch_size,
                                           settings.max_wait_ms / 1000, settings.max_queue, settings.batching, metrics)
                 runtime.batcher.start()
 

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +59,9 @@ class LoadedCoefficients:
 
 
 class ModelStore:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_coefficients_loaded: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self._on_loaded = on_coefficients_loaded
         device = None if settings.device == "auto" else settings.device
         self.backbone: Backbone = load_backbone(settings.model_name, settings.model_weights, device=device,
                                                 precision=settings.precision)
@@ -158,4 +160,7 @@ class ModelStore:
         loaded = LoadedCoefficients(full_ref, cs, fused)
         with self._lock:
             self._coefficients[full_ref] = loaded
+        if self._on_loaded is not None:
+            self._on_loaded()
+        logger.info("loaded coefficient set %s (%s, %d parameters)", full_ref, cs.variant, cs.n_parameters)
         return loaded

@@ -44,12 +44,45 @@ class TrainConfig:
     eval_every: int = 100  # steps between zero-shot evaluations (0: never)
     eval_images: int = 160  # test images per task in each evaluation
     threads: int = 2  # torch intra-op threads
+    group: int = 8  # images per hard-negative group (same background, texture and colour); 1 = no groups
+    loader_workers: int = 1  # processes rendering batches ahead of the optimiser (0 = render inline)
 
 
 def _pixels(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(n, S, S, 3) uint8 -> (n, 3, S, S) normalised float32, identical to open_clip's transform at native size."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # (n, S, S, 3) -> (n, 3, S, S)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)  # (n, S, S, 3) -> (n, 3, S, S)
     return (x - mean[None, :, None, None]) / std[None, :, None, None]
+
+
+def make_batch(batch_size: int, group: int, seed: int, side: int) -> tuple[np.ndarray, list[str]]:
+    """One training batch, a pure function of ``seed``: (images (B, S, S, 3) uint8, captions).
+
+    Images come in groups of ``group`` that share background colour, texture and object colour, so captions
+    within a group differ only in shape, size, position, digit or count: hard negatives that make the towers
+    learn those attributes instead of stopping at colour and background.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = []
+    while len(scenes) < batch_size:
+        shared = {"background": str(rng.choice(list(world.BACKGROUNDS))), "texture": str(rng.choice(world.TEXTURES)),
+                  "colour": str(rng.choice(list(world.COLOURS)))}
+        for _ in range(min(group, batch_size - len(scenes))):
+            scenes.append(world.sample_scene(rng, **(shared if group > 1 else {})))
+    images = world.render_batch(scenes, side=side, seed=int(rng.integers(2**31)))
+    return images, [world.caption(s, rng) for s in scenes]
+
+
+class _Batches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """Batch i is ``make_batch(..., seed=base + i)``, whoever renders it: workers change speed, not data."""
+
+    def __init__(self, cfg: TrainConfig, side: int) -> None:
+        self.cfg, self.side = cfg, side
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(wid, self.cfg.steps, n):
+            yield make_batch(self.cfg.batch_size, self.cfg.group, self.cfg.seed * 1_000_003 + i, self.side)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, n: int, side: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -87,23 +120,23 @@ def train(cfg: TrainConfig, out: Path) -> dict[str, object]:
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
     )
     loss_fn = open_clip.ClipLoss()
-    rng = np.random.default_rng(cfg.seed)
+    batches = torch.utils.data.DataLoader(_Batches(cfg, side), batch_size=None, num_workers=cfg.loader_workers,
+                                          prefetch_factor=2 if cfg.loader_workers else None)
     history: list[dict[str, object]] = []
+    losses: list[float] = []
     start = time.time()
     model.train()
-    for step in range(1, cfg.steps + 1):
+    for step, (images, captions) in enumerate(batches, start=1):
         lr = cfg.lr * (step / cfg.warmup if step <= cfg.warmup else
                        0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))))
         for g in opt.param_groups:
             g["lr"] = lr
-        scenes = [world.sample_scene(rng) for _ in range(cfg.batch_size)]
-        images = world.render_batch(scenes, side=side, seed=int(rng.integers(2**31)))
-        captions = [world.caption(s, rng) for s in scenes]
         img_f, txt_f, scale = model(_pixels(images, mean, std), tokenizer(captions))
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        losses.append(float(loss.detach()))
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 10 == 0 or step == 1:
@@ -119,7 +152,7 @@ def train(cfg: TrainConfig, out: Path) -> dict[str, object]:
     wall = time.time() - start
     _save(model, out)
     record = {"model": MODEL_NAME, "config": asdict(cfg), "wall_time_s": round(wall, 1),
-              "pairs_seen": cfg.steps * cfg.batch_size, "history": history,
+              "pairs_seen": cfg.steps * cfg.batch_size, "history": history, "losses": [round(v, 4) for v in losses],
               "torch": torch.__version__, "open_clip": open_clip.__version__}
     out.with_suffix(".train.json").write_text(json.dumps(record, indent=2))
     return record

@@ -85,6 +85,7 @@ def test_coefficient_set_matches_library_fused_path(client: TestClient, artifact
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["coefficients"] == "colour-test@v1"
+    assert metric(client, "residual_coefficient_sets_loaded_total") >= 1
     expected = _library_probs(client, images, list(TASK.classes), list(TASK.templates), "colour-test@v1")
     zero_shot = _library_probs(client, images, list(TASK.classes), list(TASK.templates))
     assert not torch.allclose(expected, zero_shot, atol=1e-3)  # the coefficient set really changes the scores
