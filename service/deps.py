@@ -7,6 +7,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Request
 
 from service.batcher import Batcher
@@ -26,6 +27,7 @@ class Runtime:
     settings: Settings
     metrics: Metrics
     redis: RedisState
+    jobs_redis: redis.Redis
     store: ModelStore | None = None
     text: TextCache | None = None
     batcher: Batcher | None = None

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis
 import torch
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -26,7 +27,7 @@ from service.deps import Runtime
 from service.errors import error_body, install
 from service.metrics import Metrics
 from service.model_store import ModelStore
-from service.routes import classify, health
+from service.routes import classify, health, jobs
 from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 
@@ -154,7 +155,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
     runtime = Runtime(settings=settings, metrics=metrics,
-                      redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics))
+                      redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics),
+                      jobs_redis=redis.Redis.from_url(settings.redis_url, socket_timeout=1.0,
+                                                      socket_connect_timeout=1.0))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -176,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if runtime.batcher is not None:
                 await runtime.batcher.stop()
             runtime.redis.client.close()
+            runtime.jobs_redis.close()
 
     app = FastAPI(title="ResiDual Serve", version="0.1.0", lifespan=lifespan,
                   description="CLIP zero-shot classification aligned to your label set with ResiDual coefficient "
@@ -184,6 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
     app.include_router(health.router)
     app.include_router(classify.router)
+    app.include_router(jobs.router)
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)

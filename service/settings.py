@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_prompt_chars: PositiveInt = Field(300, description="characters per class name or template")
     default_top_k: PositiveInt = Field(5, description="labels returned per image when top_k is not given")
 
+    max_inline_images: PositiveInt = Field(2000, description="images in an inline /fit-alignment dataset")
+    max_dataset_images: PositiveInt = Field(50_000, description="images in an uploaded dataset")
+    job_timeout_s: PositiveInt = Field(3600, description="a fit running longer fails with a timeout")
+    job_result_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="how long job results and failures are kept")
+
     api_key: SecretStr | None = Field(None, description="Bearer key for /classify and read routes (None: open)")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for admin routes (None: open)")
 

@@ -300,6 +300,13 @@ def test_redis_outage_keeps_classify_answering(artifacts: Path) -> None:
             ready = c.get("/readyz")
             assert ready.status_code == 200 and ready.json()["redis"] == "down" and ready.json()["status"] == "degraded"
             assert metric(c, "residual_redis_errors_total") >= 1
+            port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+            server = start_private(port)  # Redis comes back on the same address: no restart of the service
+            ready = c.get("/readyz").json()
+            assert ready["redis"] == "up" and ready["status"] == "ready"
+            r = c.post("/classify", json={"images": [img], "label_set": {"classes": ["t", "u"]}})
+            assert r.status_code == 200
+            assert metric(c, "residual_redis_up") == 1
     finally:
         server.stop()
 

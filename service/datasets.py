@@ -1,0 +1,148 @@
+"""Training datasets in the artifact store: inline uploads and ImageFolder archives, validated on the way in.
+
+Layout: ``datasets/<dataset_id>/manifest.json`` (classes, counts, files) and the image files under
+``datasets/<dataset_id>/<class index>/<n>.<ext>``. The id is a content hash, so uploading the same data twice
+gives the same dataset (and the same feature cache). Archive entries with absolute paths, ``..``, links or
+devices are refused, and so is every image that does not decode within the limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from service.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
+from service.images import decode_image
+
+__all__ = ["Dataset", "DatasetStore"]
+
+_ID = re.compile(r"^ds-[0-9a-f]{20}$")
+_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+
+
+@dataclass
+class Dataset:
+    dataset_id: str
+    classes: list[str]
+    files: list[tuple[str, int]]  # (path relative to the dataset folder, class index)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(self.classes, 0)
+        for _, c in self.files:
+            out[self.classes[c]] += 1
+        return out
+
+
+class DatasetStore:
+    def __init__(self, root: Path, max_pixels: int, max_images: int) -> None:
+        self.root = root / "datasets"
+        self.max_pixels = max_pixels
+        self.max_images = max_images
+
+    def _write(self, samples: list[tuple[str, bytes]]) -> Dataset:
+        """samples: (class name, image bytes), already validated."""
+        if not samples:
+            raise InvalidRequest("the dataset holds no images")
+        if len(samples) > self.max_images:
+            raise PayloadTooLarge(f"{len(samples)} images; a dataset holds at most {self.max_images}")
+        classes = sorted({c for c, _ in samples})
+        if len(classes) < 2:
+            raise InvalidRequest(f"the dataset has a single class ({classes[0]!r}); fitting needs at least two")
+        h = hashlib.sha256()
+        for c, blob in sorted(samples, key=lambda s: (s[0], hashlib.sha256(s[1]).digest())):
+            h.update(c.encode() + b"\0" + hashlib.sha256(blob).digest())
+        dataset_id = "ds-" + h.hexdigest()[:20]
+        folder = self.root / dataset_id
+        if (folder / "manifest.json").is_file():
+            return self.get(dataset_id)
+        tmp = self.root / f".{dataset_id}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        files = []
+        for n, (c, blob) in enumerate(samples):
+            idx = classes.index(c)
+            im = decode_image(blob, self.max_pixels, n)
+            fmt = (getattr(im, "format", None) or "PNG").upper()
+            rel = f"{idx}/{n}.{_EXT.get(fmt, 'png')}"
+            (tmp / str(idx)).mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(blob)
+            files.append((rel, idx))
+        (tmp / "manifest.json").write_text(json.dumps({"classes": classes, "files": files}))
+        try:
+            tmp.rename(folder)  # atomic publish; a concurrent identical upload may have won
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return self.get(dataset_id)
+
+    def from_inline(self, images: list[bytes], labels: list[str]) -> Dataset:
+        if len(images) != len(labels):
+            raise InvalidRequest(f"dataset has {len(images)} images but {len(labels)} labels")
+        for i, blob in enumerate(images):
+            decode_image(blob, self.max_pixels, i)
+        return self._write(list(zip(labels, images, strict=True)))
+
+    def from_archive(self, data: bytes) -> Dataset:
+        """A tar (optionally gzip/bz2/xz) or zip archive in ImageFolder layout: <class>/<image>."""
+        samples: list[tuple[str, bytes]] = []
+        names: list[str] = []
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    mode = (info.external_attr >> 16) & 0o170000
+                    if mode and mode != 0o100000:
+                        raise InvalidRequest(f"archive entry {info.filename!r} is not a regular file")
+                    samples.append((self._class_of(info.filename), zf.read(info)))
+                    names.append(info.filename)
+        else:
+            try:
+                tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 - closed by `with tf` below
+            except tarfile.TarError as exc:
+                raise UnsupportedMedia("the upload is neither a tar nor a zip archive") from exc
+            with tf:
+                for member in tf.getmembers():
+                    if member.isdir():
+                        continue
+                    if not member.isfile():
+                        raise InvalidRequest(f"archive entry {member.name!r} is a link or device; only files allowed")
+                    cls = self._class_of(member.name)
+                    f = tf.extractfile(member)
+                    assert f is not None
+                    samples.append((cls, f.read()))
+                    names.append(member.name)
+        for i, (_, blob) in enumerate(samples):
+            try:
+                decode_image(blob, self.max_pixels, i)
+            except (UnsupportedMedia, PayloadTooLarge) as exc:
+                raise InvalidRequest(f"archive entry {names[i]!r}: {exc.message}") from exc
+        return self._write(samples)
+
+    @staticmethod
+    def _class_of(name: str) -> str:
+        path = PurePosixPath(name.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or name.startswith("/"):
+            raise InvalidRequest(f"archive entry {name!r} has an absolute path or '..'")
+        parts = [p for p in path.parts if p not in ("", ".")]
+        if len(parts) != 2:
+            raise InvalidRequest(f"archive entry {name!r} is not <class>/<image> (ImageFolder layout)")
+        return parts[0]
+
+    def get(self, dataset_id: str) -> Dataset:
+        if not _ID.fullmatch(dataset_id):
+            raise InvalidRequest(f"dataset id {dataset_id!r} is not 'ds-' followed by 20 hex digits")
+        manifest = self.root / dataset_id / "manifest.json"
+        if not manifest.is_file():
+            raise NotFound(f"unknown dataset {dataset_id}")
+        data = json.loads(manifest.read_text())
+        return Dataset(dataset_id, list(data["classes"]), [(str(f), int(c)) for f, c in data["files"]])
+
+    def path(self, dataset_id: str) -> Path:
+        return self.root / dataset_id

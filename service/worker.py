@@ -1,0 +1,217 @@
+"""The training worker: ``residual-worker`` runs RQ workers (JSON serializer only) that execute alignment fits.
+
+Pipeline of one job (``run_fit``): decode the dataset, extract raw per-head features once per (dataset, model
+weights) and cache them in the artifact store, fit with the library, write the coefficient set atomically
+(temporary file, then rename) under ``coefficients/<name>/<version>.safetensors`` and make it the active version.
+Progress goes to the job's meta (phase, fraction, epoch, validation accuracy); ``DELETE /fit-alignment/{id}``
+sets a cancel flag that the fit polls between batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import torch
+from PIL import Image
+from rq import Queue, SimpleWorker, get_current_job
+from rq.serializers import JSONSerializer
+
+from residual import (
+    Backbone,
+    FitConfig,
+    LinearisedLN,
+    RawFeatures,
+    class_embeddings,
+    extract_batched,
+    fit,
+    load_backbone,
+)
+from residual.io import load_tensors, save_tensors, tensors_hash
+from residual.tiny import tasks
+from residual.tiny.reference import reference_basis
+from service.settings import Settings, get_settings
+
+__all__ = ["QUEUE_NAME", "cancel_key", "main", "run_fit"]
+
+logger = logging.getLogger(__name__)
+
+QUEUE_NAME = "residual-fit"
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def cancel_key(job_id: str) -> str:
+    return f"residual:cancel:{job_id}"
+
+
+def _backbone(s: Settings) -> Backbone:
+    key = f"{s.model_name}|{s.model_weights}"
+    if key not in _BACKBONES:
+        device = None if s.device == "auto" else s.device
+        _BACKBONES[key] = load_backbone(s.model_name, s.model_weights, device=device, precision=s.precision)
+    return _BACKBONES[key]
+
+
+def _progress(**fields: Any) -> None:
+    job = get_current_job()
+    if job is not None:
+        job.get_meta(refresh=True)
+        job.meta.setdefault("progress", {}).update(fields)
+        job.save_meta()
+
+
+def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tuple[RawFeatures, torch.Tensor]]:
+    """Raw features and labels per split ("train", and "val"/"test" for world tasks); cached on disk."""
+    root = Path(s.artifact_dir)
+    if spec.get("world"):
+        w = spec["world"]
+        key = f"world-{w['task']}-{w['train']}-{w['val']}-{w['test']}"
+    else:
+        key = spec["dataset_id"]
+    cache = root / "features" / f"{key}-{bb.weights_id.replace(':', '_')}.safetensors"
+    if cache.is_file():
+        tensors, meta = load_tensors(cache)
+        _progress(phase="extracting features", fraction=1.0, feature_cache="hit")
+        return {split: (RawFeatures(tensors[f"{split}.emb"], tensors[f"{split}.mlp"], tensors[f"{split}.heads"],
+                                    tensors[f"{split}.pre_ln"]), tensors[f"{split}.labels"])
+                for split in meta["splits"]}
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    _progress(phase="decoding", fraction=0.0, feature_cache="miss")
+    if spec.get("world"):
+        w = spec["world"]
+        for split in ("train", "val", "test"):
+            images, labels, _ = tasks.task_images(w["task"], split, n=w[split], side=bb.geometry.image_size)
+            splits[split] = (bb.pixels_from_arrays(images), torch.from_numpy(labels))
+    else:
+        folder = root / "datasets" / spec["dataset_id"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        pixels, labels = [], []
+        for n, (rel, idx) in enumerate(manifest["files"]):
+            with Image.open(folder / rel) as im:
+                im.seek(0)
+                pixels.append(bb.preprocess(im.convert("RGB")))
+            labels.append(spec["class_map"][manifest["classes"][idx]])
+            if n % 100 == 0:
+                _progress(phase="decoding", fraction=round(n / len(manifest["files"]), 3))
+        splits["train"] = (torch.stack(pixels), torch.tensor(labels))
+    out: dict[str, tuple[RawFeatures, torch.Tensor]] = {}
+    total = sum(int(p.shape[0]) for p, _ in splits.values())
+    done = 0
+    for split, (pixels, labels) in splits.items():
+        parts = []
+        for i in range(0, pixels.shape[0], 256):
+            parts.append(extract_batched(bb, pixels[i : i + 256])[0].to("cpu"))
+            done += min(256, pixels.shape[0] - i)
+            _progress(phase="extracting features", fraction=round(done / total, 3))
+        out[split] = (RawFeatures.cat(parts), labels)
+    tensors = {}
+    for split, (raw, labels) in out.items():
+        tensors |= {f"{split}.emb": raw.emb, f"{split}.mlp": raw.mlp, f"{split}.heads": raw.heads,
+                    f"{split}.pre_ln": raw.pre_ln, f"{split}.labels": labels}
+    save_tensors(cache, tensors, {"splits": list(out), "weights_id": bb.weights_id})
+    return out
+
+
+def run_fit(spec: dict[str, Any]) -> dict[str, Any]:
+    """The RQ job: everything it needs is in ``spec`` (JSON); returns the report and the coefficient set ref."""
+    s = get_settings()
+    job = get_current_job()
+    conn = job.connection if job is not None else None
+    started = time.perf_counter()
+    bb = _backbone(s)
+    if bb.weights_id != spec["weights_id"]:
+        raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for {spec['weights_id']}")
+    ln = LinearisedLN(bb)
+    data = _features(bb, s, spec)
+    extract_s = time.perf_counter() - started
+    classes, templates = spec["classes"], spec["templates"]
+    if spec["basis"] == "fit-on-train":
+        _progress(phase="fitting basis")
+        basis = _basis_on(bb, data["train"][0], ln)
+        basis.save(Path(s.artifact_dir) / "bases" / f"{basis.hash.replace(':', '_')}.safetensors")
+    else:
+        basis = reference_basis(bb, cache_dir=Path(s.artifact_dir) / "bases")
+    cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates, device=bb.device)
+    h = spec.get("hyper", {})
+    cfg = FitConfig(variant=spec["variant"], lr=h.get("lr"), batch_size=h.get("batch_size", 64),
+                    max_epochs=h.get("epochs", 30), patience=h.get("patience", 5),
+                    evr_threshold=h.get("evr_threshold", 0.9), seed=h.get("seed", 0),
+                    val_fraction=h.get("val_fraction", 0.2))
+
+    def progress(p: dict[str, Any]) -> None:
+        _progress(phase="fitting", fraction=round(p["epoch"] / p["max_epochs"], 3), epoch=p["epoch"],
+                  val_accuracy=p["val_accuracy"], best_val_accuracy=p["best_val_accuracy"])
+
+    def should_stop() -> bool:
+        return bool(conn is not None and job is not None and conn.exists(cancel_key(job.id)))
+
+    _progress(phase="fitting", fraction=0.0)
+    result = fit(data["train"], cls, bb.logit_scale, basis, ln, classes, templates, cfg,
+                 val=data.get("val"), test=data.get("test"), progress=progress, should_stop=should_stop)
+    cs = result.coefficients
+    cs.report = {**result.report, "feature_extraction_s": round(extract_s, 3),
+                 "total_wall_time_s": round(time.perf_counter() - started, 3),
+                 "dataset": spec.get("dataset_id") or f"world:{spec['world']['task']}",
+                 "job_id": job.id if job else None}
+    tensors = {"lambdas": cs.lambdas}
+    if cs.linear_weight is not None:
+        tensors |= {"w": cs.linear_weight}
+    version = "v-" + tensors_hash(tensors).split(":")[1][:12]
+    folder = Path(s.artifact_dir) / "coefficients" / spec["name"]
+    path = folder / f"{version}.safetensors"
+    if not path.exists():
+        cs.save(path)  # atomic: temporary file + rename
+    _activate(folder, version)
+    _progress(phase="done", fraction=1.0)
+    report = {k: v for k, v in cs.report.items() if k != "history"}
+    return {"coefficients": f"{spec['name']}@{version}", "report": report}
+
+
+def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN):  # type: ignore[no-untyped-def]
+    from residual import StreamingPCA, project_units
+    from residual.basis import Basis
+
+    g = bb.geometry
+    acc = StreamingPCA(g.n_units, g.out_dim)
+    for i in range(0, len(raw), 512):
+        acc.update(project_units(raw.select(slice(i, i + 512)).to(ln.proj.device), ln))
+    pca = acc.result()
+    comps = pca.components.cpu()
+    return Basis(model=bb.name, weights_id=bb.weights_id, geometry=g, mean=pca.mean.cpu(),
+                 eigenvalues=pca.eigenvalues.cpu(), head_components=comps[1 + g.layers :, : g.head_dim].contiguous(),
+                 mlp_components=comps[1 : 1 + g.layers].contiguous(), emb_components=comps[:1].contiguous(),
+                 n_samples=pca.n_samples, source={"kind": "fit-on-train", "n": len(raw)})
+
+
+def _activate(folder: Path, version: str) -> None:
+    tmp = folder / f".ACTIVE.{os.getpid()}.tmp"
+    tmp.write_text(version)
+    tmp.replace(folder / "ACTIVE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="residual-worker", description="Run an alignment worker (RQ, JSON jobs). "
+                                "Settings come from RESIDUAL_* environment variables, as for the API.")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--log-level", default="info")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    s = get_settings()
+    conn = redis.Redis.from_url(s.redis_url)
+    _backbone(s)  # load before taking jobs
+    # SimpleWorker runs jobs in this process: a forked work horse would inherit torch's thread pools and hang,
+    # and the loaded backbone stays warm across jobs. SIGKILL still leaves the job to expire and fail.
+    worker = SimpleWorker([Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)], connection=conn,
+                    serializer=JSONSerializer, job_monitoring_interval=5)
+    worker.work(burst=args.burst, with_scheduler=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

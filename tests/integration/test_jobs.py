@@ -1,0 +1,239 @@
+"""Alignment jobs end to end: the API in process, the worker as a real subprocess, a private real Redis."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from residual.tiny import tasks
+from service.main import create_app
+from tests.redis_server import RedisServer, start_private
+from tests.service.conftest import make_settings, png_b64, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def redis_jobs() -> Iterator[RedisServer]:
+    server = start_private()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("job-artifacts")
+
+
+def start_worker(redis_url: str, artifacts: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
+               HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "service.worker", "--log-level", "warning"], cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def worker(redis_jobs: RedisServer, artifacts: Path) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_worker(redis_jobs.url, artifacts)
+    yield proc
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def api(redis_jobs: RedisServer, artifacts: Path, worker) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(artifacts, redis_jobs.url))) as c:
+        wait_ready(c)
+        yield c
+
+
+def wait_status(client: TestClient, job_id: str, statuses: set[str], timeout: float = 300.0,
+                phase: str | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        body = client.get(f"/fit-alignment/{job_id}").json()
+        if body["status"] in statuses and (phase is None or body["progress"].get("phase") == phase):
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not in {statuses} after {timeout}s: {body}")
+
+
+def _accuracy(client: TestClient, task: str, coefficients: str | None, n: int = 200) -> float:
+    images, labels, _ = tasks.task_images(task, "test", n=n)
+    t = tasks.TASKS[task]
+    correct = 0
+    for i in range(0, n, 50):
+        body = {"images": [png_b64(a) for a in images[i : i + 50]], "top_k": 1}
+        if coefficients:
+            body["coefficients"] = coefficients
+        else:
+            body["label_set"] = {"classes": list(t.classes), "templates": list(t.templates)}
+        r = client.post("/classify", json=body)
+        assert r.status_code == 200, r.text
+        for res, lab in zip(r.json()["results"], labels[i : i + 50], strict=True):
+            correct += res["top"][0]["label"] == t.classes[lab]
+    return correct / n
+
+
+def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
+    r = api.post("/fit-alignment", json={"name": "position", "dataset": "world:position", "variant": "full"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status_url"] == f"/fit-alignment/{job['job_id']}"
+    done = wait_status(api, job["job_id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    report = done["report"]
+    assert report["test_accuracy"] > report["zero_shot_test_accuracy"]
+    assert done["coefficients"].startswith("position@v-")
+    zero_shot = _accuracy(api, "position", None)
+    fitted = _accuracy(api, "position", "position")
+    assert fitted >= zero_shot + 0.1, (zero_shot, fitted)
+    listing = api.get("/coefficients/position").json()
+    assert listing["active"] == done["coefficients"].split("@")[1]
+    assert api.get("/fit-alignment").json()["total"] >= 1
+
+
+def _archive(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _png(a) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_archive_upload_and_fit(api: TestClient) -> None:
+    t = tasks.TASKS["colour"]
+    images, labels, _ = tasks.task_images("colour", "train", n=140)
+    archive = _archive({f"{t.classes[lab]}/{i}.png": _png(a) for i, (a, lab) in enumerate(zip(images, labels,
+                                                                                             strict=True))})
+    r = api.post("/datasets", content=archive, headers={"content-type": "application/x-tar"})
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert sum(ds["counts"].values()) == 140 and set(ds["classes"]) == set(t.classes)
+    r = api.post("/fit-alignment", json={"name": "colour-upload", "dataset": ds["dataset_id"], "variant": "coarse",
+                                         "label_set": {"classes": list(t.classes), "templates": list(t.templates)},
+                                         "hyperparameters": {"epochs": 3}})
+    assert r.status_code == 202, r.text
+    done = wait_status(api, r.json()["job_id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    assert done["report"]["n_train"] + done["report"]["n_val"] == 140
+
+
+@pytest.mark.parametrize(("entries", "fragment"), [
+    ({"red/../../evil.png": b"x"}, "'..'"),
+    ({"/abs/red.png": b"x"}, "absolute"),
+    ({"red/a.png": b"not an image", "blue/b.png": b"x"}, "'red/a.png': images[0] is not a decodable"),
+    ({"flat.png": b"x"}, "ImageFolder"),
+])
+def test_bad_archives_answer_422(api: TestClient, entries: dict[str, bytes], fragment: str) -> None:
+    r = api.post("/datasets", content=_archive(entries), headers={"content-type": "application/x-tar"})
+    assert r.status_code in (415, 422), r.text
+    assert fragment in r.json()["error"]["message"]
+
+
+def test_archive_with_a_link_is_refused(api: TestClient) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("red/link.png")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tf.addfile(info)
+    r = api.post("/datasets", content=buf.getvalue(), headers={"content-type": "application/x-tar"})
+    assert r.status_code == 422 and "link" in r.json()["error"]["message"]
+
+
+def test_submission_problems_answer_at_once(api: TestClient) -> None:
+    one = png_b64(tasks.task_images("colour", "train", n=1)[0][0])
+    cases = [
+        ({"name": "x", "dataset": "ds-" + "0" * 20, "label_set": {"classes": ["a", "b"]}}, 404, "unknown dataset"),
+        ({"name": "x", "dataset": "world:nope"}, 422, "unknown world task"),
+        ({"name": "../x", "dataset": "world:shape"}, 422, "must match"),
+        ({"name": "x", "dataset": {"images": [one, one], "labels": ["a", "b"]},
+          "label_set": {"classes": ["a", "c"]}}, 422, "not in the label set"),
+        ({"name": "x", "dataset": {"images": [one, one], "labels": ["a", "a"]},
+          "label_set": {"classes": ["a", "b"]}}, 422, "single class"),
+        ({"name": "x", "dataset": {"images": [one, one], "labels": ["a", "b"]},
+          "label_set": {"classes": ["a", "b", "c"]}}, 422, "without images"),
+        ({"name": "x", "dataset": {"images": [one, "!!!"], "labels": ["a", "b"]},
+          "label_set": {"classes": ["a", "b"]}}, 422, "base64"),
+    ]
+    for body, status, fragment in cases:
+        r = api.post("/fit-alignment", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert fragment in r.json()["error"]["message"], r.text
+    assert api.get("/fit-alignment/" + "f" * 36).status_code == 404
+
+
+def test_cancel_queued_and_running(api: TestClient) -> None:
+    big = {"name": "cancel-me", "dataset": "world:shape", "world_sizes": {"train": 3000, "val": 500, "test": 500},
+           "hyperparameters": {"epochs": 200, "patience": 200}}
+    running = api.post("/fit-alignment", json=big).json()["job_id"]
+    queued = api.post("/fit-alignment", json={**big, "name": "cancel-queued"}).json()["job_id"]
+    wait_status(api, running, {"running"})
+    r = api.delete(f"/fit-alignment/{queued}")
+    assert r.json()["status"] == "cancelled"
+    wait_status(api, running, {"running"}, phase="fitting")
+    api.delete(f"/fit-alignment/{running}")
+    done = wait_status(api, running, {"cancelled", "failed", "succeeded"})
+    assert done["status"] == "cancelled", done
+
+
+def test_activation_and_rollback_seen_by_another_replica(api: TestClient, redis_jobs: RedisServer,
+                                                         artifacts: Path) -> None:
+    ids = []
+    for seed in (1, 2):
+        r = api.post("/fit-alignment", json={"name": "roll", "dataset": "world:colour", "variant": "coarse",
+                                             "world_sizes": {"train": 200, "val": 50, "test": 50},
+                                             "hyperparameters": {"epochs": 2, "seed": seed}})
+        ids.append(wait_status(api, r.json()["job_id"], {"succeeded", "failed"})["coefficients"])
+    v1, v2 = (i.split("@")[1] for i in ids)
+    assert v1 != v2
+    image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+    with TestClient(create_app(make_settings(artifacts, redis_jobs.url))) as other:
+        wait_ready(other)
+        assert other.post("/classify", json={"images": [image], "coefficients": "roll"}).json()[
+            "coefficients"] == f"roll@{v2}"
+        assert api.post("/coefficients/roll/activate", json={"version": v1}).json()["active"] == v1
+        assert other.post("/classify", json={"images": [image], "coefficients": "roll"}).json()[
+            "coefficients"] == f"roll@{v1}"
+        assert other.post("/classify", json={"images": [image], "coefficients": f"roll@{v2}"}).json()[
+            "coefficients"] == f"roll@{v2}"
+    assert api.post("/coefficients/roll/activate", json={"version": "v-nope"}).status_code == 404
+
+
+def test_killed_worker_leaves_no_job_running_forever(api: TestClient, redis_jobs: RedisServer, artifacts: Path,
+                                                     worker: subprocess.Popen[bytes]) -> None:
+    r = api.post("/fit-alignment", json={"name": "killed", "dataset": "world:digit",
+                                         "world_sizes": {"train": 3000, "val": 500, "test": 500},
+                                         "hyperparameters": {"epochs": 200, "patience": 200}})
+    job_id = r.json()["job_id"]
+    wait_status(api, job_id, {"running"}, phase="fitting")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    replacement = start_worker(redis_jobs.url, artifacts)
+    try:
+        done = wait_status(api, job_id, {"failed", "succeeded", "cancelled"}, timeout=180)
+        assert done["status"] == "failed"
+        assert done["error"]
+    finally:
+        replacement.kill()
+        replacement.wait(timeout=30)
