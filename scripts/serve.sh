@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the service on the embedded default model: Redis (the one at RESIDUAL_REDIS_URL when it answers,
-# else a private redis-server) and the API on http://127.0.0.1:${PORT:-8000} (docs at /docs).
+# else a private redis-server), one alignment worker, and the API on http://127.0.0.1:${PORT:-8000} (/docs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,4 +15,7 @@ if ! .venv/bin/python -c "import os, redis; redis.Redis.from_url(os.environ['RES
   export RESIDUAL_REDIS_URL="redis://127.0.0.1:$port/0"
   echo "started redis-server on port $port (stop: kill \$(cat artifacts/redis/redis.pid))"
 fi
-exec .venv/bin/residual-serve --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"
+.venv/bin/residual-worker &
+worker=$!
+trap 'kill $worker 2>/dev/null || true' EXIT INT TERM
+.venv/bin/residual-serve --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"

@@ -156,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     runtime = Runtime(settings=settings, metrics=metrics,
                       redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics),
-                      jobs_redis=redis.Redis.from_url(settings.redis_url, socket_timeout=1.0,
+                      jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
                                                       socket_connect_timeout=1.0))
 
     @asynccontextmanager

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="parameter storage precision")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the text-embedding cache")
+    queue_redis_url: str | None = Field(
+        None, description="Redis of the job queue (durable, noeviction); default: redis_url")
     redis_timeout_s: PositiveFloat = Field(0.1, description="socket timeout of every cache call")
     redis_retry_s: PositiveFloat = Field(2.0, description="after a Redis failure, wait this long before retrying")
     artifact_dir: Path = Field(Path("artifacts"), description="coefficient sets, bases, label sets, feature caches")
@@ -49,6 +51,11 @@ class Settings(BaseSettings):
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /classify and read routes (None: open)")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for admin routes (None: open)")
+
+
+    @property
+    def jobs_redis_url(self) -> str:
+        return self.queue_redis_url or self.redis_url
 
 
 @lru_cache

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = get_settings()
-    conn = redis.Redis.from_url(s.redis_url)
+    conn = redis.Redis.from_url(s.jobs_redis_url)
     _backbone(s)  # load before taking jobs
     # SimpleWorker runs jobs in this process: a forked work horse would inherit torch's thread pools and hang,
     # and the loaded backbone stays warm across jobs. SIGKILL still leaves the job to expire and fail.
