@@ -25,7 +25,7 @@ from service.batcher import Batcher
 from service.cache import RedisState, TextCache
 from service.deps import Runtime
 from service.errors import error_body, install
-from service.metrics import Metrics
+from service.metrics import JobsCollector, Metrics
 from service.model_store import ModelStore
 from service.routes import classify, health, jobs
 from service.schemas import ClassifyRequest
@@ -151,6 +151,24 @@ def _load(rt: Runtime) -> None:
         rt.load_error = f"{type(exc).__name__}: {exc}"
 
 
+def _job_counts(rt: Runtime) -> dict[str, int] | None:
+    from rq import Queue
+    from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    from service.worker import QUEUE_NAME
+
+    try:
+        kw = {"connection": rt.jobs_redis, "serializer": JSONSerializer}
+        return {"queued": Queue(QUEUE_NAME, **kw).count,
+                "running": StartedJobRegistry(QUEUE_NAME, **kw).count,
+                "succeeded": FinishedJobRegistry(QUEUE_NAME, **kw).count,
+                "failed": FailedJobRegistry(QUEUE_NAME, **kw).count,
+                "cancelled": CanceledJobRegistry(QUEUE_NAME, **kw).count}
+    except (redis.RedisError, OSError):
+        return None
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
@@ -180,6 +198,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await runtime.batcher.stop()
             runtime.redis.client.close()
             runtime.jobs_redis.close()
+
+    metrics.registry.register(JobsCollector(lambda: _job_counts(runtime)))
 
     app = FastAPI(title="ResiDual Serve", version="0.1.0", lifespan=lifespan,
                   description="CLIP zero-shot classification aligned to your label set with ResiDual coefficient "

@@ -5,9 +5,13 @@ Each app owns its registry, so several apps in one process (tests) never collide
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterator
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["JobsCollector", "Metrics"]
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -35,3 +39,25 @@ class Metrics:
         self.backbone_errors = Counter("residual_backbone_errors_total", "failed backbone batches", registry=r)
         self.rejected = Counter("residual_requests_rejected_total", "requests refused before the backbone",
                                 ["reason"], registry=r)
+
+
+class JobsCollector(Collector):
+    """At scrape time: fit jobs by status and the queue length, read from the RQ registries (shared by replicas).
+
+    ``read`` returns {status: count} including "queued"; it returns None when Redis is unreachable.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self.read()
+        if counts is None:
+            return
+        jobs = GaugeMetricFamily("residual_fit_jobs", "fit jobs in the queue's registries by status",
+                                 labels=["status"])
+        for status, n in sorted(counts.items()):
+            jobs.add_metric([status], n)
+        yield jobs
+        yield GaugeMetricFamily("residual_fit_queue_length", "fit jobs waiting for a worker",
+                                value=counts.get("queued", 0))

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     job_timeout_s: PositiveInt = Field(3600, description="a fit running longer fails with a timeout")
     job_result_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="how long job results and failures are kept")
 
+    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker Prometheus port (0: none)")
+
     api_key: SecretStr | None = Field(None, description="Bearer key for /classify and read routes (None: open)")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for admin routes (None: open)")
 

@@ -20,11 +20,13 @@ from typing import Any
 import redis
 import torch
 from PIL import Image
+from prometheus_client import Counter, Histogram, start_http_server
 from rq import Queue, SimpleWorker, get_current_job
 from rq.serializers import JSONSerializer
 
 from residual import (
     Backbone,
+    FitCancelledError,
     FitConfig,
     LinearisedLN,
     RawFeatures,
@@ -44,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "residual-fit"
 _BACKBONES: dict[str, Backbone] = {}
+
+# worker-side metrics, served by `residual-worker` on RESIDUAL_WORKER_METRICS_PORT
+FIT_SECONDS = Histogram("residual_fit_duration_seconds", "wall time of a fit job (extraction + fitting)",
+                        ["variant"], buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600))
+FEATURE_CACHE = Counter("residual_feature_cache_lookups_total", "feature-cache lookups of fit jobs", ["result"])
+JOBS_DONE = Counter("residual_fit_jobs_total", "fit jobs finished by this worker", ["status"])
 
 
 def cancel_key(job_id: str) -> str:
@@ -78,10 +86,12 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
     if cache.is_file():
         tensors, meta = load_tensors(cache)
         _progress(phase="extracting features", fraction=1.0, feature_cache="hit")
+        FEATURE_CACHE.labels(result="hit").inc()
         return {split: (RawFeatures(tensors[f"{split}.emb"], tensors[f"{split}.mlp"], tensors[f"{split}.heads"],
                                     tensors[f"{split}.pre_ln"]), tensors[f"{split}.labels"])
                 for split in meta["splits"]}
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    FEATURE_CACHE.labels(result="miss").inc()
     _progress(phase="decoding", fraction=0.0, feature_cache="miss")
     if spec.get("world"):
         w = spec["world"]
@@ -120,6 +130,21 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
 
 def run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     """The RQ job: everything it needs is in ``spec`` (JSON); returns the report and the coefficient set ref."""
+    started = time.perf_counter()
+    try:
+        result = _run_fit(spec)
+    except FitCancelledError:
+        JOBS_DONE.labels(status="cancelled").inc()
+        raise
+    except Exception:
+        JOBS_DONE.labels(status="failed").inc()
+        raise
+    JOBS_DONE.labels(status="succeeded").inc()
+    FIT_SECONDS.labels(variant=spec.get("variant", "?")).observe(time.perf_counter() - started)
+    return result
+
+
+def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     s = get_settings()
     job = get_current_job()
     conn = job.connection if job is not None else None
@@ -204,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = get_settings()
     conn = redis.Redis.from_url(s.jobs_redis_url)
+    if s.worker_metrics_port:
+        try:
+            start_http_server(s.worker_metrics_port)
+        except OSError as exc:  # a busy port must not keep the worker from taking jobs
+            logger.warning("worker metrics not served on port %d: %s", s.worker_metrics_port, exc)
     _backbone(s)  # load before taking jobs
     # SimpleWorker runs jobs in this process: a forked work horse would inherit torch's thread pools and hang,
     # and the loaded backbone stays warm across jobs. SIGKILL still leaves the job to expire and fail.

@@ -11,6 +11,7 @@ weights are written as float16 safetensors together with a JSON training record 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 class TrainConfig:
     steps: int = 1300  # optimiser steps
     batch_size: int = 256  # image-caption pairs per step
-    lr: float = 1e-3  # peak AdamW learning rate
+    lr: float = 1.5e-3  # peak AdamW learning rate
     warmup: int = 100  # linear warm-up steps, then cosine decay to 0
     weight_decay: float = 0.1  # on matrices only (not gains, biases, embeddings or logit_scale)
     seed: int = 0  # seeds the model init and the world stream
@@ -54,22 +55,70 @@ def _pixels(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return (x - mean[None, :, None, None]) / std[None, :, None, None]
 
 
+# Hard-negative groups: the images of a group differ only in the named attribute (plus nuisance jitter), and
+# their captions always mention it, so matching captions to images inside a group needs exactly that attribute.
+_MINIMAL = (
+    ("shape", "object", world.SHAPES, 0.35),
+    ("digit", "digit", world.DIGITS, 0.2),
+    ("position", "object", world.POSITIONS, 0.15),
+    ("count", "count", world.COUNTS, 0.1),
+    ("size", "object", world.SIZES, 0.05),
+)
+
+
+def _minimal_group(rng: np.random.Generator, attribute: str, kind: str, values: tuple[str, ...]
+                   ) -> list[world.Scene]:
+    shared: dict[str, str] = {"background": str(rng.choice(list(world.BACKGROUNDS))),
+                              "texture": str(rng.choice(world.TEXTURES)),
+                              "colour": str(rng.choice(list(world.COLOURS)))}
+    if kind == "object":
+        shared |= {"shape": str(rng.choice(world.SHAPES)), "size": str(rng.choice(world.SIZES[1:])),
+                   "position": str(rng.choice(world.POSITIONS))}
+    elif kind == "digit":
+        shared |= {"size": str(rng.choice(world.SIZES[1:])), "position": str(rng.choice(world.POSITIONS))}
+    shape = str(rng.choice(world.SHAPES))
+    scenes = []
+    for value in rng.permutation(values):
+        fixed = {**shared, attribute: str(value)}
+        if kind == "count":
+            scene = (world.sample_scene(rng, "object", size="small", shape=shape, **{k: v for k, v in fixed.items()
+                                                                                     if k != "count"})
+                     if value == "one" else world.sample_scene(rng, "multi", shape=shape, **fixed))
+        else:
+            scene = world.sample_scene(rng, kind, **fixed)
+            if kind == "object" and attribute != "digit":
+                scene = dataclasses.replace(scene, digit=None)
+        scenes.append(scene)
+    return scenes
+
+
 def make_batch(batch_size: int, group: int, seed: int, side: int) -> tuple[np.ndarray, list[str]]:
     """One training batch, a pure function of ``seed``: (images (B, S, S, 3) uint8, captions).
 
-    Images come in groups of ``group`` that share background colour, texture and object colour, so captions
-    within a group differ only in shape, size, position, digit or count: hard negatives that make the towers
-    learn those attributes instead of stopping at colour and background.
+    Most of the batch comes in minimal-pair groups (see ``_MINIMAL``); the rest in groups of ``group`` random
+    scenes that share background colour, texture and object colour. Both are hard negatives: they make the towers
+    learn shape, digits, position and count instead of stopping at colour and background.
     """
     rng = np.random.default_rng(seed)
-    scenes = []
+    scenes: list[world.Scene] = []
+    musts: list[frozenset[str]] = []
+    probs = np.asarray([m[3] for m in _MINIMAL] + [1 - sum(m[3] for m in _MINIMAL)])
     while len(scenes) < batch_size:
-        shared = {"background": str(rng.choice(list(world.BACKGROUNDS))), "texture": str(rng.choice(world.TEXTURES)),
-                  "colour": str(rng.choice(list(world.COLOURS)))}
-        for _ in range(min(group, batch_size - len(scenes))):
-            scenes.append(world.sample_scene(rng, **(shared if group > 1 else {})))
+        pick = int(rng.choice(len(probs), p=probs / probs.sum()))
+        if pick < len(_MINIMAL) and group > 1:
+            attribute, kind, values, _ = _MINIMAL[pick]
+            new = _minimal_group(rng, attribute, kind, values)
+            must = frozenset({attribute} | ({"shape"} if attribute == "count" else set()))
+        else:
+            shared = {"background": str(rng.choice(list(world.BACKGROUNDS))),
+                      "texture": str(rng.choice(world.TEXTURES)), "colour": str(rng.choice(list(world.COLOURS)))}
+            new = [world.sample_scene(rng, **(shared if group > 1 else {})) for _ in range(max(1, group))]
+            must = frozenset()
+        take = new[: batch_size - len(scenes)]
+        scenes += take
+        musts += [must] * len(take)
     images = world.render_batch(scenes, side=side, seed=int(rng.integers(2**31)))
-    return images, [world.caption(s, rng) for s in scenes]
+    return images, [world.caption(s, rng, m) for s, m in zip(scenes, musts, strict=True)]
 
 
 class _Batches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]

@@ -64,7 +64,7 @@ DIGITS = tuple(str(i) for i in range(10))
 COUNTS = ("one", "two", "three", "four")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
-_SIZE_RADIUS = {"small": 0.11, "medium": 0.17, "large": 0.24}  # radius as a fraction of the image side
+_SIZE_RADIUS = {"small": 0.13, "medium": 0.18, "large": 0.25}  # radius as a fraction of the image side
 _POSITION_CENTRE = {
     "left": (0.27, 0.5),
     "right": (0.73, 0.5),
@@ -331,8 +331,11 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption mentioning a random subset of the scene's attributes in a random phrasing."""
+def caption(scene: Scene, rng: np.random.Generator, must: frozenset[str] = frozenset()) -> str:
+    """A caption mentioning a random subset of the scene's attributes in a random phrasing.
+
+    Attributes in ``must`` ("shape", "size", "position", "digit", "count") are always mentioned.
+    """
     parts: list[str] = []
     if scene.kind == "object":
         assert scene.shape
@@ -340,17 +343,17 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         assert scene.position
         assert scene.colour
         words = []
-        if rng.random() < 0.45:
+        if rng.random() < 0.45 or "size" in must:
             words.append(_pick(rng, _SIZE_WORDS[scene.size]))
         if rng.random() < 0.6:
             words.append(scene.colour)
-        words.append(scene.shape if rng.random() < 0.92 else "shape")
-        phrase = _article(" ".join(words))
-        if scene.digit is not None and rng.random() < 0.8:
+        words.append(scene.shape if rng.random() < 0.92 or "shape" in must else "shape")
+        phrase = ("one " + " ".join(words)) if "count" in must else _article(" ".join(words))
+        if scene.digit is not None and (rng.random() < 0.8 or "digit" in must):
             d = scene.digit if rng.random() < 0.6 else DIGIT_WORDS[int(scene.digit)]
             phrase += " " + _pick(rng, ("with the number ", "marked ", "labelled ", "with a ")) + d
         parts.append(phrase)
-        if rng.random() < 0.55:
+        if rng.random() < 0.55 or "position" in must:
             parts.append(_pick(rng, _POSITION_PHRASES[scene.position]))
     elif scene.kind == "digit":
         assert scene.digit is not None
@@ -360,7 +363,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         colour = scene.colour + " " if rng.random() < 0.5 else ""
         parts.append(_pick(rng, (f"the {colour}digit {d}", f"a {colour}number {d}",
                                  f"{_article(colour + 'written')} {d}", f"the {colour}numeral {d}")))
-        if rng.random() < 0.4:
+        if rng.random() < 0.4 or "position" in must:
             parts.append(_pick(rng, _POSITION_PHRASES[scene.position]))
     else:
         assert scene.shape
@@ -368,7 +371,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         assert scene.colour
         n = scene.count if rng.random() < 0.7 else str(COUNTS.index(scene.count) + 1)
         colour = scene.colour + " " if rng.random() < 0.6 else ""
-        parts.append(f"{n} {colour}{_PLURAL[scene.shape]}" if rng.random() < 0.9 else f"{n} {colour}objects")
+        named = rng.random() < 0.9 or "shape" in must
+        parts.append(f"{n} {colour}{_PLURAL[scene.shape]}" if named else f"{n} {colour}objects")
     if rng.random() < 0.5:
         tex = _pick(rng, _TEXTURE_WORDS[scene.texture]) + " " if rng.random() < 0.6 else ""
         bgw = scene.background + " " if rng.random() < 0.8 else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -12,13 +13,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from residual.tiny import tasks
 from service.main import create_app
-from tests.redis_server import RedisServer, start_private
+from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +38,12 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("job-artifacts")
 
 
+METRICS_PORT = free_port()
+
+
 def start_worker(redis_url: str, artifacts: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
-               HF_HUB_OFFLINE="1")
+               HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT=str(METRICS_PORT))
     return subprocess.Popen([sys.executable, "-m", "service.worker", "--log-level", "warning"], cwd=ROOT, env=env)
 
 
@@ -102,6 +107,11 @@ def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
     listing = api.get("/coefficients/position").json()
     assert listing["active"] == done["coefficients"].split("@")[1]
     assert api.get("/fit-alignment").json()["total"] >= 1
+    scraped = api.get("/metrics").text
+    assert 'residual_fit_jobs{status="succeeded"}' in scraped and "residual_fit_queue_length" in scraped
+    worker_metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
+    assert 'residual_fit_duration_seconds_count{variant="full"} 1.0' in worker_metrics
+    assert 'residual_feature_cache_lookups_total{result="miss"}' in worker_metrics
 
 
 def _archive(entries: dict[str, bytes]) -> bytes:
@@ -208,8 +218,7 @@ def test_activation_and_rollback_seen_by_another_replica(api: TestClient, redis_
     v1, v2 = (i.split("@")[1] for i in ids)
     assert v1 != v2
     image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
-    with TestClient(create_app(make_settings(artifacts, redis_jobs.url))) as other:
-        wait_ready(other)
+    with api_process(redis_jobs.url, artifacts) as other:
         assert other.post("/classify", json={"images": [image], "coefficients": "roll"}).json()[
             "coefficients"] == f"roll@{v2}"
         assert api.post("/coefficients/roll/activate", json={"version": v1}).json()["active"] == v1
@@ -218,6 +227,32 @@ def test_activation_and_rollback_seen_by_another_replica(api: TestClient, redis_
         assert other.post("/classify", json={"images": [image], "coefficients": f"roll@{v2}"}).json()[
             "coefficients"] == f"roll@{v2}"
     assert api.post("/coefficients/roll/activate", json={"version": "v-nope"}).status_code == 404
+
+
+@contextlib.contextmanager
+def api_process(redis_url: str, artifacts: Path) -> Iterator[httpx.Client]:
+    """A second API replica as its own uvicorn process on a free loopback port."""
+    port = free_port()
+    env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
+               HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
+                            cwd=ROOT, env=env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            else:
+                raise AssertionError("second API process not ready")
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_killed_worker_leaves_no_job_running_forever(api: TestClient, redis_jobs: RedisServer, artifacts: Path,

@@ -35,3 +35,17 @@ def test_captions_vary_and_name_attributes() -> None:
     assert sum("star" in c for c in caps) > 35 and any("red" in c for c in caps)
     digit = world.sample_scene(rng, "digit", digit="7")
     assert all(("7" in c) or ("seven" in c) for c in (world.caption(digit, rng) for _ in range(20)))
+
+
+def test_training_batches_are_deterministic_and_hold_minimal_pairs() -> None:
+    from residual.tiny.train import _minimal_group, make_batch
+
+    a_img, a_cap = make_batch(48, 8, seed=11, side=48)
+    b_img, b_cap = make_batch(48, 8, seed=11, side=48)
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    group = _minimal_group(np.random.default_rng(0), "shape", "object", world.SHAPES)
+    assert sorted(s.shape for s in group) == sorted(world.SHAPES)
+    for field in ("background", "texture", "colour", "size", "position"):
+        assert len({getattr(s, field) for s in group}) == 1, field
+    rng = np.random.default_rng(1)
+    assert all(s.shape in world.caption(s, rng, frozenset({"shape"})) for s in group)
