@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from PIL import Image
 from prometheus_client import Counter, Histogram, start_http_server
 from rq import Queue, SimpleWorker, get_current_job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from residual import (
     Backbone,
@@ -220,6 +222,41 @@ def _activate(folder: Path, version: str) -> None:
     tmp.replace(folder / "ACTIVE")
 
 
+class HeartbeatWorker(SimpleWorker):
+    """RQ's SimpleWorker (jobs run in this process, the backbone stays loaded) with live heartbeats.
+
+    A forked work horse would inherit torch's thread pools and hang. SimpleWorker alone sends one heartbeat per
+    job, valid for the whole job timeout, so a worker killed mid-fit would leave its job "running" for up to an
+    hour. Here a thread renews the heartbeat every ``job_monitoring_interval`` seconds with a short TTL, so a
+    killed worker's job expires within ``HEARTBEAT_GRACE_S`` and RQ's registry cleanup marks it failed.
+    """
+
+    HEARTBEAT_GRACE_S = 30
+
+    def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+        return int(self.job_monitoring_interval + self.HEARTBEAT_GRACE_S)
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.job_monitoring_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception:  # noqa: BLE001 - a missed beat must not kill the fit
+                    logger.warning("heartbeat failed for job %s", job.id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name="rq-heartbeat", daemon=True)
+        thread.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            thread.join()
+        self.set_state(WorkerStatus.IDLE)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="residual-worker", description="Run an alignment worker (RQ, JSON jobs). "
                                 "Settings come from RESIDUAL_* environment variables, as for the API.")
@@ -235,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # a busy port must not keep the worker from taking jobs
             logger.warning("worker metrics not served on port %d: %s", s.worker_metrics_port, exc)
     _backbone(s)  # load before taking jobs
-    # SimpleWorker runs jobs in this process: a forked work horse would inherit torch's thread pools and hang,
-    # and the loaded backbone stays warm across jobs. SIGKILL still leaves the job to expire and fail.
-    worker = SimpleWorker([Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)], connection=conn,
+    worker = HeartbeatWorker([Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)], connection=conn,
                     serializer=JSONSerializer, job_monitoring_interval=5)
     worker.work(burst=args.burst, with_scheduler=False)
     return 0
