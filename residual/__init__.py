@@ -89,7 +89,6 @@ __all__ = [
     "init_coefficients",
     "k_at",
     "load_backbone",
-    "wrap_model",
     "participation_ratio",
     "project_units",
     "resolve",
@@ -97,5 +96,6 @@ __all__ = [
     "stratified_split",
     "twonn",
     "unit_table",
+    "wrap_model",
     "zero_shot_logits",
 ]
