@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import torch
 from PIL import Image
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker, get_current_job
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
@@ -41,6 +41,7 @@ from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
 from residual.tiny.reference import reference_basis
 from service.settings import Settings, get_settings
+from service.worker_metrics import FEATURE_CACHE, FIT_SECONDS, JOBS_DONE
 
 __all__ = ["QUEUE_NAME", "cancel_key", "main", "run_fit"]
 
@@ -49,11 +50,6 @@ logger = logging.getLogger(__name__)
 QUEUE_NAME = "residual-fit"
 _BACKBONES: dict[str, Backbone] = {}
 
-# worker-side metrics, served by `residual-worker` on RESIDUAL_WORKER_METRICS_PORT
-FIT_SECONDS = Histogram("residual_fit_duration_seconds", "wall time of a fit job (extraction + fitting)",
-                        ["variant"], buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600))
-FEATURE_CACHE = Counter("residual_feature_cache_lookups_total", "feature-cache lookups of fit jobs", ["result"])
-JOBS_DONE = Counter("residual_fit_jobs_total", "fit jobs finished by this worker", ["status"])
 
 
 def cancel_key(job_id: str) -> str:

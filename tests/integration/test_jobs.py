@@ -211,13 +211,13 @@ def test_activation_and_rollback_seen_by_another_replica(api: TestClient, redis_
                                                          artifacts: Path) -> None:
     ids = []
     for seed in (1, 2):
-        r = api.post("/fit-alignment", json={"name": "roll", "dataset": "world:colour", "variant": "coarse",
-                                             "world_sizes": {"train": 200, "val": 50, "test": 50},
-                                             "hyperparameters": {"epochs": 2, "seed": seed}})
+        r = api.post("/fit-alignment", json={"name": "roll", "dataset": "world:texture", "variant": "full",
+                                             "world_sizes": {"train": 300, "val": 100, "test": 50},
+                                             "hyperparameters": {"epochs": 3, "seed": seed, "patience": 3}})
         ids.append(wait_status(api, r.json()["job_id"], {"succeeded", "failed"})["coefficients"])
     v1, v2 = (i.split("@")[1] for i in ids)
     assert v1 != v2
-    image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+    image = png_b64(tasks.task_images("texture", "test", n=1)[0][0])
     with api_process(redis_jobs.url, artifacts) as other:
         assert other.post("/classify", json={"images": [image], "coefficients": "roll"}).json()[
             "coefficients"] == f"roll@{v2}"
