@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = load_backbone("residual-tiny", device="cpu")
     ln = LinearisedLN(tiny)
     n = 400 if args.smoke else 2000
-    images, labels, _ = tasks.task_images("position", "train", n=n)
+    images, labels, _ = tasks.task_images("texture", "train", n=n)
     t0 = time.perf_counter()
     raw, emb = extract_batched(tiny, tiny.pixels_from_arrays(images))
     extract_s = time.perf_counter() - t0
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     out["fused_vs_unfused_max_relative_error"] = fused_err
 
     # 4. fit wall time on n cached samples (features extracted once)
-    task = tasks.TASKS["position"]
+    task = tasks.TASKS["texture"]
     cls = class_embeddings(tiny.encode_text, tiny.tokenizer, task.classes, task.templates)
     fits = {}
     for variant in ("full", "fine", "coarse"):

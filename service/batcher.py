@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 ForwardFn = Callable[[torch.Tensor], tuple[RawFeatures, torch.Tensor]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `item in pending` must never compare tensors
 class _Item:
     pixels: torch.Tensor  # (k, 3, S, S)
     future: asyncio.Future[tuple[RawFeatures, torch.Tensor]]

@@ -151,6 +151,28 @@ def test_concurrent_requests_share_a_backbone_batch_and_mixed_sets_match_alone(a
                 torch.testing.assert_close(_scores(res, list(TASK.classes)), expected[i][j], atol=1e-4, rtol=0)
 
 
+def test_requests_queued_behind_a_running_batch_all_succeed(artifacts: Path, redis_server) -> None:
+    """Batches smaller than the burst: requests complete while others still wait in the queue."""
+    images, _ = _images(3)
+    body = {"images": [png_b64(a) for a in images], "label_set": {"classes": ["a", "b"]}}
+    with TestClient(create_app(make_settings(artifacts, redis_server.url, max_batch_size=3))) as c:
+        wait_ready(c)
+        statuses: list[int] = []
+        barrier = threading.Barrier(6)
+
+        def call() -> None:
+            barrier.wait()
+            statuses.append(c.post("/classify", json=body).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses == [200] * 6
+        assert metric(c, "residual_backbone_batch_size_count") >= 2
+
+
 def test_label_set_registry(client: TestClient) -> None:
     r = client.post("/label-sets", json={"classes": ["cat", "dog"], "templates": ["a {}."]})
     assert r.status_code == 201
