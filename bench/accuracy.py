@@ -106,7 +106,7 @@ def markdown(result: dict[str, object]) -> str:
     for r in rows:
         gap = r["linear_probe"] - r["zero_shot"]
         best = max(r["coarse"], r["fine"], r["full"])
-        closed = f"{(best - r['zero_shot']) / gap:.0%}" if gap > 0.01 else "n/a"
+        closed = f"{(best - r['zero_shot']) / gap:.0%}" if gap > 0.05 else "n/a (gap < 5 points)"
         lines.append(f"| {r['task']} | {r['chance']:.2f} | " + " | ".join(f"{r[m]:.3f}" for m in METHODS)
                      + f" | {closed} |")
     params = rows[0]["params"]
