@@ -20,7 +20,7 @@ from residual.errors import CoefficientShapeError
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.spectral import PCA, StreamingPCA
 
-__all__ = ["Basis", "fit_basis"]
+__all__ = ["Basis", "basis_from_units", "fit_basis"]
 
 FORMAT = "residual.basis/1"
 
@@ -101,11 +101,18 @@ def fit_basis(
     backbone: Backbone, batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None
 ) -> Basis:
     """Streaming per-unit PCA over pixel batches (n, 3, S, S); never holds more than one batch of units."""
-    g = backbone.geometry
     ln = LinearisedLN(backbone)
+    return basis_from_units(backbone, (decompose(backbone, pixels, ln).units for pixels in batches), source)
+
+
+def basis_from_units(
+    backbone: Backbone, unit_batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None
+) -> Basis:
+    """Streaming per-unit PCA over batches of output-space units (n, U, d), e.g. from cached raw features."""
+    g = backbone.geometry
     acc = StreamingPCA(g.n_units, g.out_dim, device=backbone.device)
-    for pixels in batches:
-        acc.update(decompose(backbone, pixels, ln).units)
+    for units in unit_batches:
+        acc.update(units)
     pca = acc.result()
     comps = pca.components.cpu()  # (U, d, d)
     return Basis(

@@ -102,9 +102,9 @@ class ModelStore:
         return list(data["classes"]), list(data["templates"])
 
     # ---- coefficient sets ---------------------------------------------------------------------------------------
-    def _load_bases(self) -> dict[str, Basis]:
+    def _load_bases(self, refresh: bool = False) -> dict[str, Basis]:
         with self._lock:
-            if self._bases is None:
+            if self._bases is None or refresh:
                 bases: dict[str, Basis] = {}
                 paths = list((self.artifacts / "bases").glob("*.safetensors"))
                 if self.backbone.name == "residual-tiny" and shipped_basis_path().is_file():
@@ -122,6 +122,8 @@ class ModelStore:
 
     def _basis_for(self, basis_hash: str) -> Basis:
         basis = self._load_bases().get(basis_hash)
+        if basis is None:  # a worker may have written a new basis ("fit-on-train") since the last scan
+            basis = self._load_bases(refresh=True).get(basis_hash)
         if basis is None:
             raise NotFound(f"the basis {basis_hash} of this coefficient set is not available")
         return basis

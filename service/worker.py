@@ -37,6 +37,8 @@ from residual import (
     fit,
     load_backbone,
 )
+from residual.basis import Basis, basis_from_units
+from residual.decomposition import project_units
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
 from residual.tiny.reference import reference_basis
@@ -196,20 +198,10 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     return {"coefficients": f"{spec['name']}@{version}", "report": report}
 
 
-def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN):  # type: ignore[no-untyped-def]
-    from residual import StreamingPCA, project_units
-    from residual.basis import Basis
-
-    g = bb.geometry
-    acc = StreamingPCA(g.n_units, g.out_dim)
-    for i in range(0, len(raw), 512):
-        acc.update(project_units(raw.select(slice(i, i + 512)).to(ln.proj.device), ln))
-    pca = acc.result()
-    comps = pca.components.cpu()
-    return Basis(model=bb.name, weights_id=bb.weights_id, geometry=g, mean=pca.mean.cpu(),
-                 eigenvalues=pca.eigenvalues.cpu(), head_components=comps[1 + g.layers :, : g.head_dim].contiguous(),
-                 mlp_components=comps[1 : 1 + g.layers].contiguous(), emb_components=comps[:1].contiguous(),
-                 n_samples=pca.n_samples, source={"kind": "fit-on-train", "n": len(raw)})
+def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN) -> Basis:
+    """The per-unit PCA of the task's own training images, from the cached raw features."""
+    batches = (project_units(raw.select(slice(i, i + 512)).to(ln.proj.device), ln) for i in range(0, len(raw), 512))
+    return basis_from_units(bb, batches, source={"kind": "fit-on-train", "n": len(raw)})
 
 
 def _activate(folder: Path, version: str) -> None:

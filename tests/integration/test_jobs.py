@@ -148,6 +148,20 @@ def test_archive_upload_and_fit(api: TestClient) -> None:
     assert done["report"]["n_train"] + done["report"]["n_val"] == 140
 
 
+def test_fit_on_train_basis_is_served(api: TestClient, artifacts: Path) -> None:
+    assert api.app.state.runtime.store.any_basis() is not None  # the replica has scanned its bases already
+    r = api.post("/fit-alignment", json={"name": "own-basis", "dataset": "world:texture", "variant": "fine",
+                                         "basis": "fit-on-train", "world_sizes": {"train": 300, "val": 100, "test": 50},
+                                         "hyperparameters": {"epochs": 2}})
+    done = wait_status(api, r.json()["job_id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    assert len(list((artifacts / "bases").glob("*.safetensors"))) >= 1
+    image = png_b64(tasks.task_images("texture", "test", n=1)[0][0])
+    r = api.post("/classify", json={"images": [image], "coefficients": "own-basis"})
+    assert r.status_code == 200, r.text
+    assert r.json()["coefficients"] == done["coefficients"]
+
+
 @pytest.mark.parametrize(("entries", "fragment"), [
     ({"red/../../evil.png": b"x"}, "'..'"),
     ({"/abs/red.png": b"x"}, "absolute"),
