@@ -211,6 +211,7 @@ def load_backbone(
     pretrained: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Backbone:
     """Create an open_clip model, load its weights and make its heads observable.
 
@@ -222,6 +223,7 @@ def load_backbone(
             tag resolved from the local cache (no download when ``HF_HUB_OFFLINE=1``).
         device: ``"cuda"``, ``"cpu"``…; default CUDA when available.
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (parameter storage; decomposition math runs in fp32).
+        cache_dir: the Hugging Face hub cache holding pretrained tags (default: the hub's own default).
 
     Example:
         >>> bb = load_backbone("residual-tiny")
@@ -247,7 +249,8 @@ def load_backbone(
         raise WeightsError(f"checkpoint {pretrained} does not exist")
     try:
         model = open_clip.create_model(
-            name, pretrained=str(pretrained) if pretrained is not None else None, weights_only=True)
+            name, pretrained=str(pretrained) if pretrained is not None else None, weights_only=True,
+            cache_dir=str(cache_dir) if cache_dir is not None else None)
     except RuntimeError as exc:  # shape mismatches, unreadable files
         raise WeightsError(f"cannot load {pretrained} into {name}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - open_clip raises many types; pickle refusals come as UnpicklingError

@@ -62,6 +62,9 @@ class LabelSetCreated(BaseModel):
 
 
 class LabelSetOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "label_set_id": "ls-0123456789abcdef0123", "classes": ["cat", "dog"], "templates": ["a photo of a {}."]}]})
+
     label_set_id: str
     classes: list[str]
     templates: list[str]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -66,6 +67,22 @@ def test_zero_shot_matches_library(client: TestClient) -> None:
     for i, res in enumerate(body["results"]):
         torch.testing.assert_close(_scores(res, classes), expected[i], atol=1e-4, rtol=0)
         assert abs(sum(p["score"] for p in res["top"]) - 1) < 1e-4
+
+
+def test_multipart_upload_matches_json(client: TestClient) -> None:
+    images, _ = _images(2)
+    classes, templates = list(TASK.classes), list(TASK.templates)
+    label_set = {"classes": classes, "templates": templates}
+    files = [("images", (f"{i}.png", base64.b64decode(png_b64(a)), "image/png")) for i, a in enumerate(images)]
+    r = client.post("/classify", files=files, data={"label_set": json.dumps(label_set), "top_k": str(len(classes))})
+    assert r.status_code == 200, r.text
+    j = client.post("/classify", json={"images": [png_b64(a) for a in images], "label_set": label_set,
+                                       "top_k": len(classes)})
+    for a, b in zip(r.json()["results"], j.json()["results"], strict=True):
+        torch.testing.assert_close(_scores(a, classes), _scores(b, classes), atol=1e-6, rtol=0)
+    r = client.post("/classify", files=files, data={"label_set": "{not json"})
+    assert r.status_code == 422
+    assert "not JSON" in r.json()["error"]["message"]
 
 
 def _publish(artifacts: Path, name: str, version: str, seed: int, variant: str = "full") -> None:

@@ -59,3 +59,23 @@ def test_default_device_and_precision(tiny) -> None:
     assert tiny.device.type == ("cuda" if torch.cuda.is_available() else "cpu") or tiny.device.type == "cpu"
     with pytest.raises(ValueError, match="precision"):
         load_backbone("residual-tiny", precision="int3")
+
+
+def test_pretrained_tag_resolves_from_the_local_hub_cache(tmp_path) -> None:
+    """An open_clip tag loads from a populated local cache with HF_HUB_OFFLINE=1, and fails cleanly otherwise."""
+    import open_clip
+
+    cache = tmp_path / "hub"
+    with pytest.raises(WeightsError, match="cannot load"):
+        load_backbone("ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu", cache_dir=cache)
+    torch.manual_seed(3)
+    ref = open_clip.create_model("ViT-B-32").eval()
+    snapshot = cache / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    torch.save(ref.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    bb = load_backbone("ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu", cache_dir=cache)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_image(x), ref.encode_image(x), rtol=1e-4, atol=1e-5)
