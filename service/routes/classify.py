@@ -35,21 +35,21 @@ async def _parse(request: Request, rt: Runtime) -> tuple[ClassifyRequest, list[b
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         limit = rt.settings.max_images + 8
-        form = await request.form(max_files=limit, max_fields=limit, max_part_size=rt.settings.max_request_bytes)
-        blobs: list[bytes] = []
-        fields: dict[str, Any] = {"images": []}
-        for key, value in form.multi_items():
-            if key == "images" and not isinstance(value, str):
-                blobs.append(await value.read())
-            elif key == "label_set" and isinstance(value, str):
-                try:
-                    fields[key] = json.loads(value)
-                except json.JSONDecodeError as exc:
-                    raise InvalidRequest("label_set form field is not JSON") from exc
-            elif key in ("top_k", "label_set_id", "coefficients") and isinstance(value, str):
-                fields[key] = value
-            else:
-                raise InvalidRequest(f"unexpected form field {key!r}")
+        async with request.form(max_files=limit, max_fields=limit, max_part_size=rt.settings.max_request_bytes) as form:
+            blobs: list[bytes] = []
+            fields: dict[str, Any] = {"images": []}
+            for key, value in form.multi_items():  # the files are closed when the form closes, also on errors
+                if key == "images" and not isinstance(value, str):
+                    blobs.append(await value.read())
+                elif key == "label_set" and isinstance(value, str):
+                    try:
+                        fields[key] = json.loads(value)
+                    except json.JSONDecodeError as exc:
+                        raise InvalidRequest("label_set form field is not JSON") from exc
+                elif key in ("top_k", "label_set_id", "coefficients") and isinstance(value, str):
+                    fields[key] = value
+                else:
+                    raise InvalidRequest(f"unexpected form field {key!r}")
         try:
             body = ClassifyRequest.model_validate(fields)
         except ValidationError as exc:
