@@ -7,10 +7,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 
 import redis
+
+from tests.waiting import wait_for
 
 
 @dataclass
@@ -48,15 +49,14 @@ def start_private(port: int | None = None) -> RedisServer:
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _answers(url):
-            return RedisServer(url, proc)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}")
+    try:
+        wait_for(lambda: _answers(url) or proc.poll() is not None, 10, f"redis-server on port {port}")
+    except AssertionError:
+        proc.kill()
+        raise
+    if proc.poll() is not None:
+        raise RuntimeError(f"redis-server exited at start on port {port}")
+    return RedisServer(url, proc)
 
 
 def shared_or_private() -> RedisServer:

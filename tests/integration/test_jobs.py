@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from residual.tiny import tasks
 from service.main import create_app
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,14 +64,12 @@ def api(redis_jobs: RedisServer, artifacts: Path, worker) -> Iterator[TestClient
 
 def wait_status(client: TestClient, job_id: str, statuses: set[str], timeout: float = 300.0,
                 phase: str | None = None) -> dict:
-    deadline = time.monotonic() + timeout
-    body: dict = {}
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         body = client.get(f"/fit-alignment/{job_id}").json()
-        if body["status"] in statuses and (phase is None or body["progress"].get("phase") == phase):
-            return body
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not in {statuses} after {timeout}s: {body}")
+        ok = body["status"] in statuses and (phase is None or body["progress"].get("phase") == phase)
+        return body if ok else None
+
+    return wait_for(reached, timeout, f"job {job_id} to reach {statuses} (phase {phase})", interval=0.2)
 
 
 def _accuracy(client: TestClient, task: str, coefficients: str | None, n: int = 200) -> float:
@@ -253,16 +251,14 @@ def api_process(redis_url: str, artifacts: Path) -> Iterator[httpx.Client]:
                             cwd=ROOT, env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
+
+            def ready() -> bool:
                 try:
-                    if client.get("/readyz").status_code == 200:
-                        break
+                    return client.get("/readyz").status_code == 200
                 except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise AssertionError("second API process not ready")
+                    return False
+
+            wait_for(ready, 120, "the second API process to be ready")
             yield client
     finally:
         proc.terminate()

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 from service.main import create_app
 from service.settings import Settings
 from tests.redis_server import RedisServer, shared_or_private
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -24,13 +24,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def wait_ready(client: TestClient, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> dict | None:
         r = client.get("/readyz")
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(0.05)
-    raise AssertionError(f"service not ready after {timeout}s: {client.get('/readyz').json()}")
+        return r.json() if r.status_code == 200 else None
+
+    return wait_for(ready, timeout, "/readyz to answer 200")
 
 
 def make_settings(artifacts: Path, redis_url: str, **overrides: object) -> Settings:
