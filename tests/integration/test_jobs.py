@@ -14,11 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from PIL import Image
+from rq import Queue
+from rq.serializers import JSONSerializer
 
 from residual.tiny import tasks
 from service.main import create_app
+from service.worker import QUEUE_NAME
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
 from tests.waiting import wait_for
@@ -239,6 +243,35 @@ def test_activation_and_rollback_seen_by_another_replica(api: TestClient, redis_
         assert other.post("/classify", json={"images": [image], "coefficients": f"roll@{v2}"}).json()[
             "coefficients"] == f"roll@{v2}"
     assert api.post("/coefficients/roll/activate", json={"version": "v-nope"}).status_code == 404
+
+
+class _Planted:
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (str(self.sentinel), "w"))
+
+
+def test_pickled_job_payload_is_refused(api: TestClient, redis_jobs: RedisServer, artifacts: Path,
+                                        tmp_path: Path) -> None:
+    """A job whose payload is a pickle (planted straight into Redis) fails to deserialize; no code runs."""
+    import pickle
+    import zlib
+
+    conn = redis.Redis.from_url(redis_jobs.url)
+    queue = Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)
+    sentinel = tmp_path / "pwned"
+    job = queue.enqueue("service.worker.run_fit", {"planted": True}, job_timeout=60)
+    conn.hset(job.key, "data", zlib.compress(pickle.dumps((_Planted(sentinel), None, (), {}))))
+    done = wait_status(api, job.id, {"failed", "succeeded", "cancelled"}, timeout=60)
+    assert done["status"] == "failed"
+    assert not sentinel.exists()
+    # the worker survived and still takes jobs
+    r = api.post("/fit-alignment", json={"name": "after-pickle", "dataset": "world:colour", "variant": "coarse",
+                                         "world_sizes": {"train": 100, "val": 20, "test": 20},
+                                         "hyperparameters": {"epochs": 1}})
+    assert wait_status(api, r.json()["job_id"], {"succeeded", "failed"})["status"] == "succeeded"
 
 
 @contextlib.contextmanager
