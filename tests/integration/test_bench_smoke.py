@@ -36,3 +36,10 @@ def test_service_smoke(tmp_path: Path) -> None:
     result = _run("bench/service.py", "--smoke", tmp=tmp_path)
     for row in result["rows"].values():
         assert row["requests"] > 0 and row["errors"] == 0
+
+
+def test_backbone_smoke(tmp_path: Path) -> None:
+    result = _run("bench/backbone.py", "--smoke", tmp=tmp_path)
+    for row in result["rows"]:
+        assert set(row["images_per_s"]) == {"plain", "capture", "fused_full", "fused_fine", "naive_full"}
+        assert all(v > 0 for v in row["images_per_s"].values())
