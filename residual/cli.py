@@ -2,6 +2,8 @@
 
     residual decompose-check --images DIR           units sum to the embedding? (max relative error)
     residual spectrum --images DIR --out basis.safetensors     per-unit PCA basis and a spectrum table
+    residual spectrum --basis basis.safetensors --png k90.png  a layer x head picture of a basis
+    residual alignment --world colour:val --eval-world colour:test --png colour.png   head-text alignment
     residual fit --train DIR --basis basis.safetensors --out cs.safetensors
     residual classify --images DIR --classes a,b,c [--coefficients cs.safetensors]
 
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -104,11 +107,24 @@ def cmd_decompose_check(args: argparse.Namespace) -> int:
 
 def cmd_spectrum(args: argparse.Namespace) -> int:
     bb = load_backbone(args.model, args.pretrained, device=args.device)
-    pixels = _source(bb, args)[0]
-    basis = fit_basis(bb, _batches(pixels, args.batch_size, "streaming PCA"),
-                      source={"images": args.images, "world": args.world, "n": int(pixels.shape[0])})
+    if args.basis:
+        basis = Basis.load(args.basis)
+    else:
+        pixels = _source(bb, args)[0]
+        basis = fit_basis(bb, _batches(pixels, args.batch_size, "streaming PCA"),
+                          source={"images": args.images, "world": args.world, "n": int(pixels.shape[0])})
     if args.out:
         basis.save(args.out)
+    if args.png:
+        from residual.heads import unit_spectra
+        from residual.plots import head_heatmap_png
+
+        g = basis.geometry
+        rows = [r for r in unit_spectra(basis) if r.type == "head"]
+        grid = np.asarray([getattr(r, args.value) for r in rows], dtype=float).reshape(g.layers, g.heads)
+        Path(args.png).write_bytes(head_heatmap_png(grid, f"{bb.name}: {args.value} per head", args.value,
+                                                    fmt="{:.0f}" if args.value.startswith("k_") else "{:.2f}"))
+        print(f"picture written to {args.png}", file=sys.stderr)
     pca = basis.pca()
     k90, k99, pr = pca.k_at(0.9), pca.k_at(0.99), pca.participation_ratio
     print(f"{'unit':<12}{'k@0.9':>7}{'k@0.99':>8}{'PR':>8}{'EVR1':>7}")
@@ -116,6 +132,47 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         print(f"{unit.label:<12}{int(k90[u]):>7}{int(k99[u]):>8}{float(pr[u]):>8.2f}{float(pca.evr[u, 0]):>7.2f}")
     if args.out:
         print(f"basis {basis.hash} written to {args.out}")
+    return 0
+
+
+def cmd_alignment(args: argparse.Namespace) -> int:
+    from residual.heads import head_alignment
+    from residual.plots import ablation_png, head_heatmap_png
+
+    bb = load_backbone(args.model, args.pretrained, device=args.device)
+    pixels, labels, classes, task_templates = _source(bb, args)
+    templates = args.templates or task_templates or DEFAULT_TEMPLATES
+    ln = LinearisedLN(bb)
+    g = bb.geometry
+
+    def units(px: torch.Tensor) -> torch.Tensor:
+        return torch.cat([decompose(bb, b, ln).units.cpu() for b in _batches(px, args.batch_size, "decomposing")])
+
+    eval_units = eval_labels = None
+    if args.eval_world:
+        ev = argparse.Namespace(**{**vars(args), "world": args.eval_world})
+        ev_pixels, eval_labels, _, _ = _source(bb, ev)
+        eval_units = units(ev_pixels)
+    cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates, device=bb.device).cpu()
+    report = head_alignment(units(pixels), labels, cls, bb.logit_scale, g.layers, g.heads, eval_units, eval_labels,
+                            seeds=args.seeds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    for name, top in report["top_heads"].items():
+        print(f"top heads by {name}: " + ", ".join(f"{h['layer']}.{h['head']} ({h['score']:.3f})" for h in top))
+    a = report["ablation"]
+    print(f"{'% heads kept':<14}{'U|T':>8}{'superv.':>9}{'random':>8}   (all units {a['all_units']:.3f})")
+    for i, f in enumerate(a["fractions"]):
+        print(f"{100 * f:<14.0f}{a['text_correlation'][i]:>8.3f}{a['supervised'][i]:>9.3f}{a['random'][i]:>8.3f}")
+    if args.png:
+        if args.picture == "ablation":
+            png = ablation_png(a, "top-k head ablation", ["text_correlation", "supervised"])
+        else:
+            grid = np.asarray([h[args.score] for h in report["heads"]], dtype=float).reshape(g.layers, g.heads)
+            marked = [(h["layer"], h["head"]) for h in report["top_heads"][args.score]]
+            png = head_heatmap_png(grid, f"{args.score} per head (top {len(marked)} framed)", args.score, marked)
+        Path(args.png).write_bytes(png)
+        print(f"picture written to {args.png}", file=sys.stderr)
     return 0
 
 
@@ -194,7 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--images", default=None, help="ImageFolder root")
     sp.add_argument("--out", default=None, help="write the basis (.safetensors)")
+    sp.add_argument("--basis", default=None, help="read this basis instead of fitting one")
+    sp.add_argument("--png", default=None, help="write a layer x head heatmap of --value")
+    sp.add_argument("--value", default="k_90", choices=["k_90", "k_99", "participation_ratio", "evr_1"])
     sp.set_defaults(func=cmd_spectrum)
+
+    sp = sub.add_parser("alignment", help="score heads against a label set and ablate all but the top heads")
+    common(sp)
+    sp.add_argument("--images", default=None, help="ImageFolder root (split in stratified halves)")
+    sp.add_argument("--eval-world", default=None, help="evaluation images, TASK:SPLIT (default: halves)")
+    sp.add_argument("--templates", nargs="*", default=None)
+    sp.add_argument("--seeds", type=int, default=10, help="random head sets per fraction")
+    sp.add_argument("--json", default=None, help="write the full report")
+    sp.add_argument("--png", default=None, help="write a picture")
+    sp.add_argument("--picture", default="heatmap", choices=["heatmap", "ablation"])
+    sp.add_argument("--score", default="text_correlation", choices=["text_correlation", "supervised"])
+    sp.set_defaults(func=cmd_alignment)
 
     sp = sub.add_parser("fit", help="fit a coefficient set on labelled images")
     common(sp)

@@ -13,11 +13,13 @@ from fastapi import Depends, Request
 from service.batcher import Batcher
 from service.cache import RedisState, TextCache
 from service.errors import InvalidRequest, NotReady, ServiceError
+from service.heads import HeadService
 from service.metrics import Metrics
 from service.model_store import DEFAULT_TEMPLATES, ModelStore
+from service.schemas import LabelSet
 from service.settings import Settings
 
-__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "validate_label_set"]
+__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "label_set_from", "validate_label_set"]
 
 
 @dataclass
@@ -31,6 +33,7 @@ class Runtime:
     store: ModelStore | None = None
     text: TextCache | None = None
     batcher: Batcher | None = None
+    heads: HeadService | None = None
     load_error: str | None = None
 
 
@@ -41,7 +44,7 @@ def get_runtime(request: Request) -> Runtime:
 
 def ready_runtime(request: Request) -> Runtime:
     runtime = get_runtime(request)
-    if runtime.store is None or runtime.batcher is None or runtime.text is None:
+    if runtime.store is None or runtime.batcher is None or runtime.text is None or runtime.heads is None:
         raise NotReady("the model is still loading" if runtime.load_error is None else
                        f"the model failed to load: {runtime.load_error}", headers={"Retry-After": "5"})
     return runtime
@@ -130,3 +133,18 @@ def validate_label_set(classes: list[str], templates: list[str] | None, s: Setti
         if t.count("{}") != 1:
             raise InvalidRequest(f"template {i} ({t!r}) must contain '{{}}' exactly once")
     return classes, templates
+
+
+def label_set_from(label_set: LabelSet | None, label_set_id: str | None, rt: Runtime,
+                   default: tuple[list[str], list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """Classes and templates from an inline label set, a registered id, or ``default`` (422 when none)."""
+    assert rt.store is not None
+    if label_set is not None and label_set_id is not None:
+        raise InvalidRequest("give label_set or label_set_id, not both")
+    if label_set is not None:
+        return validate_label_set(label_set.classes, label_set.templates, rt.settings)
+    if label_set_id is not None:
+        return rt.store.get_label_set(label_set_id)
+    if default is not None:
+        return default
+    raise InvalidRequest("give label_set or label_set_id (only world tasks bring their own)")

@@ -25,9 +25,10 @@ from service.batcher import Batcher
 from service.cache import RedisState, TextCache
 from service.deps import Runtime
 from service.errors import error_body, install
+from service.heads import HeadService
 from service.metrics import JobsCollector, Metrics
-from service.model_store import ModelStore
-from service.routes import classify, health, jobs
+from service.model_store import ModelStore, label_set_id
+from service.routes import classify, heads, health, jobs
 from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 
@@ -151,6 +152,18 @@ def _load(rt: Runtime) -> None:
         rt.load_error = f"{type(exc).__name__}: {exc}"
 
 
+def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
+    s, text, batcher = rt.settings, rt.text, rt.batcher
+    assert text is not None and batcher is not None
+    weights = store.backbone.weights_id
+
+    def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
+        return text.class_embeddings(label_set_id(weights, texts, ["{}"]), texts, ["{}"])
+
+    return HeadService(store.backbone, store.ln, batcher.submit, s.max_batch_size, s.heads_sample_images,
+                       s.artifact_dir, dictionary_embeddings, s.text_dictionary)
+
+
 def _job_counts(rt: Runtime) -> dict[str, int] | None:
     from rq import Queue
     from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -188,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 runtime.batcher = Batcher(lambda px: backbone_forward(store, px), settings.max_batch_size,
                                           settings.max_wait_ms / 1000, settings.max_queue, settings.batching, metrics)
                 runtime.batcher.start()
+                runtime.heads = _head_service(runtime, store)
 
         starter = asyncio.create_task(start_batcher())
         try:
@@ -209,6 +223,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(jobs.router)
+    app.include_router(heads.router)
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     job_timeout_s: PositiveInt = Field(3600, description="a fit running longer fails with a timeout")
     job_result_ttl_s: PositiveInt = Field(7 * 24 * 3600, description="how long job results and failures are kept")
 
+    heads_sample_images: PositiveInt = Field(
+        1000, description="reference images behind TwoNN and head descriptions (computed once per basis)")
+    heads_sync_max_images: PositiveInt = Field(
+        2000, description="images a POST /heads/alignment answers directly; more become a job on the worker")
+    text_dictionary: Path | None = Field(
+        None, description="text dictionary for head descriptions, one per line (default: the shipped one)")
+
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker Prometheus port (0: none)")
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /classify and read routes (None: open)")

@@ -33,6 +33,7 @@ from residual import (
     LinearisedLN,
     RawFeatures,
     class_embeddings,
+    extract,
     extract_batched,
     fit,
     load_backbone,
@@ -42,10 +43,11 @@ from residual.decomposition import project_units
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
 from residual.tiny.reference import reference_basis
+from service.heads import alignment_report, load_alignment_data
 from service.settings import Settings, get_settings
 from service.worker_metrics import FEATURE_CACHE, FIT_SECONDS, JOBS_DONE
 
-__all__ = ["QUEUE_NAME", "cancel_key", "main", "run_fit"]
+__all__ = ["QUEUE_NAME", "cancel_key", "main", "run_fit", "run_head_alignment"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +198,38 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     _progress(phase="done", fraction=1.0)
     report = {k: v for k, v in cs.report.items() if k != "history"}
     return {"coefficients": f"{spec['name']}@{version}", "report": report}
+
+
+def run_head_alignment(spec: dict[str, Any]) -> dict[str, Any]:
+    """The RQ job behind a large ``POST /heads/alignment``: head scores and the ablation curve (JSON report)."""
+    s = get_settings()
+    bb = _backbone(s)
+    if bb.weights_id != spec["weights_id"]:
+        raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for {spec['weights_id']}")
+    ln = LinearisedLN(bb)
+    _progress(phase="decoding", fraction=0.0)
+    s_pix, s_lab, e_pix, e_lab, split = load_alignment_data(spec, bb, Path(s.artifact_dir))
+    total = s_pix.shape[0] + (e_pix.shape[0] if e_pix is not None else 0)
+    done = 0
+
+    def units(pixels: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        parts = []
+        for i in range(0, pixels.shape[0], 256):
+            raw, _ = extract(bb, pixels[i : i + 256].to(bb.device))
+            parts.append(project_units(raw, ln).float().cpu())
+            done += min(256, pixels.shape[0] - i)
+            _progress(phase="extracting features", fraction=round(done / total, 3))
+        return torch.cat(parts)
+
+    s_units = units(s_pix)
+    e_units = units(e_pix) if e_pix is not None else None
+    cls = class_embeddings(bb.encode_text, bb.tokenizer, spec["classes"], spec["templates"], device=bb.device)
+    _progress(phase="scoring heads", fraction=1.0)
+    report = alignment_report(s_units, s_lab, e_units, e_lab, cls.cpu(), bb, spec, split)
+    JOBS_DONE.labels(status="succeeded").inc()
+    _progress(phase="done", fraction=1.0)
+    return report
 
 
 def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN) -> Basis:

@@ -23,7 +23,7 @@ from residual.backbone import EMBEDDED_MODELS, Backbone, load_backbone
 from residual.basis import Basis, fit_basis
 from residual.tiny import world
 
-__all__ = ["REFERENCE_SEED", "REFERENCE_SIZE", "reference_basis", "reference_source"]
+__all__ = ["REFERENCE_SEED", "REFERENCE_SIZE", "reference_basis", "reference_images", "reference_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,19 @@ def _batches(bb: Backbone) -> Iterator[torch.Tensor]:
         scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, REFERENCE_SIZE - i))]
         images = world.render_batch(scenes, side=bb.geometry.image_size, seed=REFERENCE_SEED + i)
         yield bb.pixels_from_arrays(images)
+
+
+def reference_images(n: int, side: int = 48) -> np.ndarray:
+    """The first ``n`` images of the reference set, (n, side, side, 3) uint8 (same scenes and noise as the basis).
+
+    Head analyses (TwoNN, text descriptions) use them as their sample of the reference distribution.
+    """
+    rng = np.random.default_rng(REFERENCE_SEED)
+    chunks = []
+    for i in range(0, n, _CHUNK):
+        scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, REFERENCE_SIZE - i))]
+        chunks.append(world.render_batch(scenes[: n - i], side=side, seed=REFERENCE_SEED + i))
+    return np.concatenate(chunks)[:n]
 
 
 def shipped_basis_path(name: str = "residual-tiny") -> Path:

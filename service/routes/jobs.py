@@ -31,7 +31,7 @@ from rq.serializers import JSONSerializer
 from residual import VARIANTS
 from residual.tiny import tasks
 from service.datasets import DatasetStore
-from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, validate_label_set
+from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, label_set_from
 from service.errors import BackendUnavailable, InvalidRequest, NotFound
 from service.images import decode_base64
 from service.model_store import ID_PATTERN
@@ -85,6 +85,13 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
+def world_label_set(task: str | None) -> tuple[list[str], list[str]] | None:
+    """The label set a world task brings (None for other data)."""
+    if task is None:
+        return None
+    return list(tasks.TASKS[task].classes), list(tasks.TASKS[task].templates)
+
+
 def _queue(rt: Runtime) -> Queue:
     return Queue(QUEUE_NAME, connection=rt.jobs_redis, serializer=JSONSerializer)
 
@@ -121,16 +128,7 @@ async def submit_fit(body: FitRequest, rt: RuntimeDep) -> JobAccepted:
             raise InvalidRequest(f"unknown world task {world_task!r}; choose from {sorted(tasks.TASKS)}")
         sizes = body.world_sizes or WorldSizes()  # type: ignore[call-arg]
         spec["world"] = {"task": world_task, **sizes.model_dump()}
-    if body.label_set is not None and body.label_set_id is not None:
-        raise InvalidRequest("give label_set or label_set_id, not both")
-    if body.label_set is not None:
-        classes, templates = validate_label_set(body.label_set.classes, body.label_set.templates, s)
-    elif body.label_set_id is not None:
-        classes, templates = rt.store.get_label_set(body.label_set_id)
-    elif world_task is not None:
-        classes, templates = list(tasks.TASKS[world_task].classes), list(tasks.TASKS[world_task].templates)
-    else:
-        raise InvalidRequest("give label_set or label_set_id (only world tasks bring their own)")
+    classes, templates = label_set_from(body.label_set, body.label_set_id, rt, world_label_set(world_task))
     if world_task is not None and len(classes) != len(tasks.TASKS[world_task].classes):
         raise InvalidRequest(f"world task {world_task!r} has {len(tasks.TASKS[world_task].classes)} classes; "
                              f"the label set has {len(classes)}")
@@ -175,8 +173,7 @@ def _describe(job: Job) -> dict[str, Any]:
                            "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
                            "ended_at": job.ended_at.isoformat() if job.ended_at else None}
     if status == "succeeded":
-        result = job.return_value()
-        out |= {"coefficients": result.get("coefficients"), "report": result.get("report")}
+        out |= dict(job.return_value() or {})  # fits: coefficients and report; head analyses: the report
     elif status == "failed":
         info = (job.latest_result().exc_string if job.latest_result() else None) or job.exc_info or ""
         lines = [ln for ln in str(info).strip().splitlines() if ln.strip()]

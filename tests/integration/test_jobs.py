@@ -298,6 +298,34 @@ def api_process(redis_url: str, artifacts: Path) -> Iterator[httpx.Client]:
         proc.wait(timeout=30)
 
 
+def test_large_head_alignment_becomes_a_job(redis_jobs: RedisServer, artifacts: Path, worker) -> None:
+    settings = make_settings(artifacts, redis_jobs.url, heads_sync_max_images=50)
+    with TestClient(create_app(settings)) as small:
+        wait_ready(small)
+        body = {"dataset": "world:colour", "world_sizes": {"score": 40, "eval": 60}, "seeds": 2}
+        r = small.post("/heads/alignment", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["status_url"] == f"/heads/alignment/{job['job_id']}" and job["images"] == 100
+        assert small.get(f"{job['status_url']}.png").status_code in (409, 200)
+
+        def finished() -> dict | None:
+            info = small.get(job["status_url"]).json()
+            return info if info["status"] in ("succeeded", "failed") else None
+
+        done = wait_for(finished, 300, "the head-alignment job to finish", interval=0.2)
+        assert done["status"] == "succeeded", done
+        assert len(done["heads"]) == 24 and done["n_score"] == 40 and done["n_eval"] == 60
+        # the worker's numbers are the API's numbers: the same request answered directly by a larger limit
+        direct = small.app.state.runtime
+        direct.settings.heads_sync_max_images = 1000
+        same = small.post("/heads/alignment", json=body).json()
+        for a, b in zip(done["heads"], same["heads"], strict=True):
+            assert abs(a["text_correlation"] - b["text_correlation"]) < 1e-4
+        png = small.get(f"{job['status_url']}.png?picture=ablation")
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+
+
 def test_killed_worker_leaves_no_job_running_forever(api: TestClient, redis_jobs: RedisServer, artifacts: Path,
                                                      worker: subprocess.Popen[bytes]) -> None:
     r = api.post("/fit-alignment", json={"name": "killed", "dataset": "world:digit",
@@ -315,3 +343,4 @@ def test_killed_worker_leaves_no_job_running_forever(api: TestClient, redis_jobs
     finally:
         replacement.kill()
         replacement.wait(timeout=30)
+

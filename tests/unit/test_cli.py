@@ -53,3 +53,21 @@ def test_errors_are_reported_not_raised(capsys) -> None:
     assert main(["classify", "--model", "no-such-model", "--world", "shape"]) == 2
     assert "unknown model" in capsys.readouterr().err
     assert np.isfinite(1.0)
+
+
+def test_spectrum_picture_from_a_basis(tmp_path: Path, capsys) -> None:
+    png = tmp_path / "k90.png"
+    assert main(["spectrum", "--device", "cpu", "--basis", str(shipped_basis_path()), "--png", str(png),
+                 "--value", "participation_ratio"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "head.5.3" in capsys.readouterr().out
+
+
+def test_alignment_on_an_image_folder(folder: Path, tmp_path: Path, capsys) -> None:
+    png, report = tmp_path / "align.png", tmp_path / "align.json"
+    assert main(["alignment", "--device", "cpu", "--images", str(folder), "--seeds", "2", "--json", str(report),
+                 "--png", str(png), "--picture", "ablation", "--templates", "a photo of a {} object."]) == 0
+    body = json.loads(report.read_text())
+    assert body["split"].startswith("stratified halves") and body["n_score"] + body["n_eval"] == 70
+    assert len(body["heads"]) == 24 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "top heads by text_correlation" in capsys.readouterr().out

@@ -1,0 +1,210 @@
+"""Head analysis for the serving model: spectra, per-head descriptions and head-text alignment (issue: head API).
+
+The API and the worker share this module:
+
+- :class:`HeadService` (API process) computes spectra and descriptions once per reference basis and caches them;
+  every backbone forward goes through the request batcher, so analyses never run hooks concurrently with
+  classification on the same model;
+- :func:`load_alignment_data` turns an alignment spec (world task, dataset id) into pixels and labels;
+- :func:`alignment_report` runs the library's :func:`residual.heads.head_alignment` and adds the request context.
+
+Samples: spectra's TwoNN and the text descriptions use the first ``heads_sample_images`` images of the
+reference set (``residual.tiny.reference.reference_images``); an alignment request scores heads on one part of
+its data and evaluates the ablation on another (world tasks: val and test splits; other data: stratified halves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from residual import Backbone, Basis, LinearisedLN, RawFeatures, project_units
+from residual.dictionary import load_dictionary
+from residual.heads import DEFAULT_FRACTIONS, describe_component, describe_head, head_alignment, unit_spectra
+from residual.spectral import k_at, participation_ratio
+from residual.tiny import tasks
+from residual.tiny.reference import reference_basis, reference_images
+from service.errors import InvalidRequest, NotFound
+
+__all__ = ["HeadService", "alignment_report", "heads_matrix", "load_alignment_data"]
+
+Forward = Callable[[torch.Tensor], Awaitable[tuple[RawFeatures, torch.Tensor]]]
+AlignmentData = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]
+
+
+def load_alignment_data(spec: dict[str, Any], bb: Backbone, artifact_dir: Path) -> AlignmentData:
+    """(score pixels, score labels, eval pixels or None, eval labels or None, split description)."""
+    if spec.get("world"):
+        w = spec["world"]
+        size = bb.geometry.image_size
+        s_img, s_lab, _ = tasks.task_images(w["task"], "val", n=w["score"], side=size)
+        e_img, e_lab, _ = tasks.task_images(w["task"], "test", n=w["eval"], side=size)
+        return (bb.pixels_from_arrays(s_img), torch.from_numpy(s_lab), bb.pixels_from_arrays(e_img),
+                torch.from_numpy(e_lab), "world task: scores on the val split, ablation on the test split")
+    folder = artifact_dir / "datasets" / spec["dataset_id"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    pixels, labels = [], []
+    for rel, idx in manifest["files"]:
+        with Image.open(folder / rel) as im:
+            im.seek(0)
+            pixels.append(bb.preprocess(im.convert("RGB")))
+        labels.append(spec["class_map"][manifest["classes"][idx]])
+    return torch.stack(pixels), torch.tensor(labels), None, None, ""
+
+
+def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torch.Tensor | None,
+                     eval_labels: torch.Tensor | None, class_emb: torch.Tensor, bb: Backbone, spec: dict[str, Any],
+                     split: str) -> dict[str, Any]:
+    """The library's head alignment plus the request context (model, label set, dataset)."""
+    g = bb.geometry
+    p = spec.get("params", {})
+    report = head_alignment(units, labels, class_emb, bb.logit_scale, g.layers, g.heads, eval_units, eval_labels,
+                            fractions=p.get("fractions") or DEFAULT_FRACTIONS, seeds=p.get("seeds", 10),
+                            ablation=p.get("ablation", "mean"), top=p.get("top", 5))
+    if split:
+        report["split"] = split
+    return {"model": bb.name, "weights_id": bb.weights_id, "classes": spec["classes"],
+            "label_set_id": spec.get("label_set_id"), "dataset": _dataset_name(spec), **report}
+
+
+def _dataset_name(spec: dict[str, Any]) -> str:
+    if spec.get("world"):
+        return f"world:{spec['world']['task']}"
+    return str(spec.get("dataset_id") or "inline")
+
+
+class HeadService:
+    """Spectra and descriptions of the serving model's heads, cached per reference basis."""
+
+    def __init__(self, bb: Backbone, ln: LinearisedLN, forward: Forward, chunk: int, sample_images: int,
+                 artifact_dir: Path, dictionary_embeddings: Callable[[list[str]], torch.Tensor],
+                 dictionary_path: Path | None = None) -> None:
+        self.bb, self.ln, self._forward, self.chunk = bb, ln, forward, chunk
+        self.sample_images = sample_images
+        self.artifact_dir = artifact_dir
+        self._dictionary_embeddings = dictionary_embeddings
+        self._dictionary_path = dictionary_path
+        self._basis: Basis | None = None
+        self._sample: torch.Tensor | None = None
+        self._spectra: dict[str, Any] | None = None
+        self._dictionary: tuple[list[str], torch.Tensor] | None = None
+        self._lock = asyncio.Lock()
+        self._thread_lock = threading.Lock()
+
+    # ---- shared pieces ----------------------------------------------------------------------------------------
+    async def units(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) -> (n, U, d) output-space units, through the batcher in chunks."""
+        parts = []
+        for i in range(0, pixels.shape[0], self.chunk):
+            raw, _ = await self._forward(pixels[i : i + self.chunk])
+            parts.append(project_units(raw, self.ln).float().cpu())
+        return torch.cat(parts)
+
+    def basis(self) -> Basis:
+        with self._thread_lock:
+            if self._basis is None:
+                self._basis = reference_basis(self.bb, cache_dir=self.artifact_dir / "bases")
+            return self._basis
+
+    async def sample(self) -> torch.Tensor:
+        if self._sample is None:
+            images = await asyncio.to_thread(reference_images, self.sample_images, self.bb.geometry.image_size)
+            pixels = await asyncio.to_thread(self.bb.pixels_from_arrays, images)
+            self._sample = await self.units(pixels)
+        return self._sample
+
+    def dictionary(self) -> tuple[list[str], torch.Tensor]:
+        with self._thread_lock:
+            if self._dictionary is None:
+                texts = load_dictionary(self._dictionary_path)
+                self._dictionary = (texts, self._dictionary_embeddings(texts))
+            return self._dictionary
+
+    # ---- GET /heads ---------------------------------------------------------------------------------------------
+    async def spectra(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._spectra is None:
+                basis = await asyncio.to_thread(self.basis)
+                sample = await self.sample()
+                rows = await asyncio.to_thread(unit_spectra, basis, sample, 32)
+                self._spectra = {
+                    "model": self.bb.name, "weights_id": self.bb.weights_id, "basis": basis.hash,
+                    "basis_samples": basis.n_samples, "basis_source": basis.source,
+                    "twonn_samples": int(sample.shape[0]),
+                    "geometry": {"layers": self.bb.geometry.layers, "heads": self.bb.geometry.heads,
+                                 "head_dim": self.bb.geometry.head_dim, "out_dim": self.bb.geometry.out_dim},
+                    "units": [r.to_dict() for r in rows]}
+            return self._spectra
+
+    def head_index(self, layer: int, head: int) -> int:
+        g = self.bb.geometry
+        if not (0 <= layer < g.layers and 0 <= head < g.heads):
+            raise NotFound(f"no head ({layer}, {head}); the model has {g.layers} layers x {g.heads} heads")
+        return layer * g.heads + head
+
+    # ---- GET /heads/{layer}/{head} --------------------------------------------------------------------------------
+    async def head_detail(self, layer: int, head: int, atoms: int, components: int, component_atoms: int,
+                          method: str) -> dict[str, Any]:
+        idx = self.head_index(layer, head)
+        g = self.bb.geometry
+        unit = 1 + g.layers + idx
+        spectra = await self.spectra()
+        sample = await self.sample()
+        basis = await asyncio.to_thread(self.basis)
+        texts, dic = await asyncio.to_thread(self.dictionary)
+
+        def compute() -> dict[str, Any]:
+            eig = basis.eigenvalues[unit]  # (d,)
+            evr = eig.cumsum(0) / eig.sum().clamp_min(1e-30)
+            desc = describe_head(sample[:, unit], dic, atoms, method)
+            comps = []
+            for c in range(min(components, basis.head_components.shape[1])):
+                d = describe_component(basis.head_components[idx, c], dic, component_atoms)
+                comps.append({"component": c, "eigenvalue": float(eig[c]),
+                              "explained_variance_ratio": float(eig[c] / eig.sum().clamp_min(1e-30)),
+                              "texts": d.named(texts)})
+            return {"layer": layer, "head": head, "unit": unit, "basis": basis.hash,
+                    "summary": spectra["units"][unit],
+                    "eigenvalues": [float(v) for v in eig], "evr": [round(float(v), 6) for v in evr],
+                    "k_90": int(k_at(evr, 0.9)), "k_99": int(k_at(evr, 0.99)),
+                    "participation_ratio": float(participation_ratio(eig)),
+                    "description": {"method": method, "samples": int(sample.shape[0]),
+                                    "dictionary_size": len(texts), "texts": desc.named(texts),
+                                    "explained": [round(v, 6) for v in desc.explained]},
+                    "components": comps}
+
+        return await asyncio.to_thread(compute)
+
+    # ---- POST /heads/alignment (synchronous path) -----------------------------------------------------------------
+    async def alignment(self, spec: dict[str, Any], class_emb: torch.Tensor,
+                        inline: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+        """``inline``: (pixels, labels) already decoded; else the spec's world task or dataset."""
+        if inline is not None:
+            s_pix, s_lab, e_pix, e_lab, split = inline[0], inline[1], None, None, ""
+        else:
+            s_pix, s_lab, e_pix, e_lab, split = await asyncio.to_thread(load_alignment_data, spec, self.bb,
+                                                                         self.artifact_dir)
+        s_units = await self.units(s_pix)
+        e_units = await self.units(e_pix) if e_pix is not None else None
+        return await asyncio.to_thread(alignment_report, s_units, s_lab, e_units, e_lab, class_emb, self.bb, spec,
+                                       split)
+
+
+def heads_matrix(report: dict[str, Any], key: str, layers: int, heads: int) -> np.ndarray:
+    """(L, H) matrix of one per-head field of an alignment report or spectra rows."""
+    rows = report["heads"] if "heads" in report else [u for u in report["units"] if u["type"] == "head"]
+    out = np.full((layers, heads), np.nan)
+    for r in rows:
+        value = r.get(key)
+        if value is None:
+            raise InvalidRequest(f"no per-head value {key!r}")
+        out[r["layer"], r["head"]] = float(value)
+    return out

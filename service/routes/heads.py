@@ -1,0 +1,298 @@
+"""The head-spectrum API (paper-spec section 4): which heads of the serving model specialise in what.
+
+- ``GET /heads``: one row per unit (emb, MLPs, heads): cumulative EVR (first 32), k at 0.9 / 0.99, participation
+  ratio, TwoNN intrinsic dimension; computed once per reference basis and cached;
+- ``GET /heads/{layer}/{head}``: that head's full spectrum and text descriptions of the head and of its top
+  principal components (SOMP over the shipped text dictionary, or TextSpan);
+- ``POST /heads/alignment``: per-head supervised and U|T scores for a label set on images, with the top-k head
+  ablation curve; over ``heads_sync_max_images`` images it becomes a job (202 + status URL);
+- pictures: ``GET /heads/spectrum.png``, ``GET /heads/{layer}/{head}/spectrum.png``, ``POST /heads/alignment.png``,
+  ``GET /heads/alignment/{job_id}.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import torch
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from residual.plots import ablation_png, evr_curves_png, head_heatmap_png
+from residual.tiny import tasks
+from service.datasets import DatasetStore
+from service.deps import ApiKey, Runtime, RuntimeDep, label_set_from
+from service.errors import InvalidRequest
+from service.heads import heads_matrix
+from service.images import decode_base64, decode_image
+from service.model_store import label_set_id
+from service.routes.jobs import InlineDataset, _describe, _fetch, _queue, _redis_call, world_label_set
+from service.schemas import LabelSet
+
+router = APIRouter(tags=["heads"])
+
+SPECTRUM_VALUES = ("k_90", "k_99", "participation_ratio", "twonn", "evr_1")
+_PNG = {200: {"content": {"image/png": {}}, "description": "a PNG picture"}}
+
+
+class AlignmentSizes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    score: int = Field(500, ge=10, le=20_000, description="val-split images the heads are scored on")
+    eval: int = Field(1000, ge=10, le=20_000, description="test-split images of the ablation curve")
+
+
+class AlignmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"dataset": "world:colour"},
+        {"label_set": {"classes": ["cat", "dog"]}, "dataset": "ds-0123456789abcdef0123", "fractions": [0.05, 0.1]}]})
+
+    label_set: LabelSet | None = None
+    label_set_id: str | None = None
+    dataset: InlineDataset | str = Field(..., description="inline images, a dataset id, or 'world:<task>'")
+    world_sizes: AlignmentSizes | None = None
+    fractions: list[float] | None = Field(None, min_length=1, max_length=10,
+                                          description="fractions of heads kept (default 1, 5, 10, 25, 50 %)")
+    seeds: int = Field(10, ge=1, le=50, description="random head sets per fraction")
+    ablation: Literal["mean", "zero"] = Field("mean", description="what an ablated unit becomes")
+    top: int = Field(5, ge=1, le=100, description="top heads listed per score")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not 0 < f <= 1 for f in v):
+            raise ValueError("every fraction must be in (0, 1]")
+        return v
+
+
+# ---- spectra ------------------------------------------------------------------------------------------------------
+
+
+@router.get("/heads", dependencies=[ApiKey], summary="Spectra and intrinsic dimension of every unit")
+async def list_heads(rt: RuntimeDep) -> dict[str, Any]:
+    """One row per unit in paper order (emb, MLP of each layer, then each head by layer and head).
+
+    Fields: cumulative explained-variance ratio of the first 32 components (``evr``), ``k_90`` and ``k_99`` (the
+    number of components that explain more than 90 / 99 % of the variance), ``participation_ratio``
+    ((sum of eigenvalues)^2 / sum of squares), ``evr_1`` and the TwoNN intrinsic dimension (``twonn``) on
+    ``twonn_samples`` reference images. The first call computes, later calls are served from memory.
+    """
+    assert rt.heads is not None
+    return await rt.heads.spectra()
+
+
+@router.get("/heads/spectrum.png", dependencies=[ApiKey], responses=_PNG, response_class=Response,
+            summary="Layer x head heatmap of a spectral quantity")
+async def spectrum_png(rt: RuntimeDep, value: Literal["k_90", "k_99", "participation_ratio", "twonn", "evr_1"] =
+                       Query("k_90", description="the per-head quantity to draw")) -> Response:
+    assert rt.heads is not None
+    spectra = await rt.heads.spectra()
+    g = spectra["geometry"]
+    matrix = heads_matrix(spectra, value, g["layers"], g["heads"])
+    fmt = "{:.0f}" if value.startswith("k_") else "{:.2f}"
+    png = await asyncio.to_thread(head_heatmap_png, matrix, f"{spectra['model']}: {value} per head", value, (), fmt)
+    return Response(png, media_type="image/png")
+
+
+# ---- alignment ----------------------------------------------------------------------------------------------------
+
+
+async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, Any], Any, int]:
+    """Validate; returns (spec, inline (pixels, labels) or None, number of images)."""
+    assert rt.store is not None
+    s = rt.settings
+    spec: dict[str, Any] = {"weights_id": rt.store.backbone.weights_id,
+                            "params": {"fractions": body.fractions, "seeds": body.seeds, "ablation": body.ablation,
+                                       "top": body.top}}
+    world_task = None
+    if isinstance(body.dataset, str) and body.dataset.startswith("world:"):
+        world_task = body.dataset.split(":", 1)[1]
+        if world_task not in tasks.TASKS:
+            raise InvalidRequest(f"unknown world task {world_task!r}; choose from {sorted(tasks.TASKS)}")
+        sizes = body.world_sizes or AlignmentSizes()  # type: ignore[call-arg]
+        spec["world"] = {"task": world_task, **sizes.model_dump()}
+    elif body.world_sizes is not None:
+        raise InvalidRequest("world_sizes applies to 'world:<task>' datasets only")
+    classes, templates = label_set_from(body.label_set, body.label_set_id, rt, world_label_set(world_task))
+    if world_task is not None and len(classes) != len(tasks.TASKS[world_task].classes):
+        raise InvalidRequest(f"world task {world_task!r} has {len(tasks.TASKS[world_task].classes)} classes; "
+                             f"the label set has {len(classes)}")
+    if len(classes) < 2:
+        raise InvalidRequest("head alignment needs at least two classes")
+    spec |= {"classes": classes, "templates": templates,
+             "label_set_id": label_set_id(rt.store.backbone.weights_id, classes, templates)}
+    inline = None
+    if world_task is not None:
+        n = spec["world"]["score"] + spec["world"]["eval"]
+    elif isinstance(body.dataset, InlineDataset):
+        n = len(body.dataset.images)
+        if n != len(body.dataset.labels):
+            raise InvalidRequest(f"{n} images but {len(body.dataset.labels)} labels")
+        if n > s.max_inline_images:
+            raise InvalidRequest(f"{n} inline images; the limit is {s.max_inline_images} (upload larger sets with "
+                                 "POST /datasets)")
+        unknown = sorted(set(body.dataset.labels) - set(classes))
+        if unknown:
+            raise InvalidRequest(f"labels that are not classes of the label set: {unknown}")
+        blobs = [decode_base64(b, i) for i, b in enumerate(body.dataset.images)]
+        labels = [classes.index(lab) for lab in body.dataset.labels]
+        if n > s.heads_sync_max_images:  # the worker reads it from the dataset store
+            ds = await asyncio.to_thread(_datasets(rt).from_inline, blobs, list(body.dataset.labels))
+            spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
+        else:
+            pixels = await asyncio.to_thread(_decode, blobs, rt)
+            inline = (pixels, torch.tensor(labels))
+    else:
+        ds = _datasets(rt).get(body.dataset)
+        unknown = sorted(set(ds.classes) - set(classes))
+        if unknown:
+            raise InvalidRequest(f"classes in the data that are not in the label set: {unknown}")
+        spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
+        n = len(ds.files)
+    return spec, inline, n
+
+
+def _datasets(rt: Runtime) -> DatasetStore:
+    from pathlib import Path
+
+    return DatasetStore(Path(rt.settings.artifact_dir), rt.settings.max_image_pixels, rt.settings.max_dataset_images)
+
+
+def _decode(blobs: list[bytes], rt: Runtime) -> torch.Tensor:
+    assert rt.store is not None
+    pre = rt.store.backbone.preprocess
+    return torch.stack([pre(decode_image(b, rt.settings.max_image_pixels, i)) for i, b in enumerate(blobs)])
+
+
+async def _class_embeddings(rt: Runtime, spec: dict[str, Any]) -> torch.Tensor:
+    assert rt.text is not None
+    return await asyncio.to_thread(rt.text.class_embeddings, spec["label_set_id"], spec["classes"], spec["templates"])
+
+
+async def _run_or_enqueue(body: AlignmentRequest, rt: Runtime) -> tuple[dict[str, Any] | None, JSONResponse | None]:
+    assert rt.heads is not None
+    spec, inline, n = await _prepare(body, rt)
+    if n > rt.settings.heads_sync_max_images:
+        job = _redis_call(lambda: _queue(rt).enqueue(
+            "service.worker.run_head_alignment", spec, job_timeout=rt.settings.job_timeout_s,
+            result_ttl=rt.settings.job_result_ttl_s, failure_ttl=rt.settings.job_result_ttl_s,
+            meta={"name": f"heads:{spec.get('dataset_id') or body.dataset}", "kind": "head-alignment",
+                  "progress": {"phase": "queued"}}))
+        url = f"/heads/alignment/{job.id}"
+        return None, JSONResponse({"job_id": job.id, "status_url": url, "images": n,
+                                   "reason": f"{n} images exceed heads_sync_max_images "
+                                             f"({rt.settings.heads_sync_max_images})"},
+                                  status_code=202, headers={"Location": url})
+    class_emb = await _class_embeddings(rt, spec)
+    return await rt.heads.alignment(spec, class_emb, inline), None
+
+
+_ALIGN_ERRORS: dict[int | str, dict[str, Any]] = {
+    202: {"description": "too many images to answer directly: a job was queued (see status_url)"},
+    404: {"description": "unknown dataset or label set"}, 413: {"description": "request or image too large"},
+    415: {"description": "undecodable image"}, 422: {"description": "invalid request"},
+    503: {"description": "not ready, or the job queue is unavailable"}}
+
+
+@router.post("/heads/alignment", dependencies=[ApiKey], responses=_ALIGN_ERRORS,
+             summary="Per-head alignment with a label set, and the top-k head ablation curve")
+async def alignment(body: AlignmentRequest, rt: RuntimeDep) -> Any:
+    """For every head: ``supervised`` (zero-shot accuracy of the head's contribution alone) and
+    ``text_correlation`` (the paper's U|T score: mean correlation, inside the span of the class embeddings,
+    between the head and the sum of all heads), with ranks (1 = best). ``ablation``: accuracy keeping only the
+    top ``k`` heads by each score, every other unit replaced by its mean (or zero), against random heads (mean
+    and std over ``seeds``) and all units. World tasks score on their val split and evaluate on their test split;
+    other data are split into stratified halves.
+    """
+    report, accepted = await _run_or_enqueue(body, rt)
+    return accepted if accepted is not None else report
+
+
+def _alignment_picture(report: dict[str, Any], score: str, picture: str, layers: int, heads: int) -> bytes:
+    if picture == "ablation":
+        return ablation_png(report["ablation"], f"{report['dataset']}: top-k head ablation",
+                            ["text_correlation", "supervised"])
+    matrix = heads_matrix(report, score, layers, heads)
+    marked = [(h["layer"], h["head"]) for h in report["top_heads"][score]]
+    return head_heatmap_png(matrix, f"{report['dataset']}: {score} per head (top {len(marked)} framed)", score,
+                            marked)
+
+
+@router.post("/heads/alignment.png", dependencies=[ApiKey], responses={**_PNG, **_ALIGN_ERRORS},
+             response_class=Response, summary="Alignment as a picture: score heatmap or ablation curve")
+async def alignment_png(body: AlignmentRequest, rt: RuntimeDep,
+                        score: Literal["text_correlation", "supervised"] = Query("text_correlation"),
+                        picture: Literal["heatmap", "ablation"] = Query("heatmap")) -> Response:
+    """The same computation as ``POST /heads/alignment``; a job (202) when the data are too large to answer now,
+    whose picture is then at ``GET /heads/alignment/{job_id}.png``."""
+    report, accepted = await _run_or_enqueue(body, rt)
+    if accepted is not None:
+        return accepted
+    assert report is not None
+    g = rt.store.backbone.geometry if rt.store else None
+    assert g is not None
+    png = await asyncio.to_thread(_alignment_picture, report, score, picture, g.layers, g.heads)
+    return Response(png, media_type="image/png")
+
+
+def _job_report(rt: Runtime, job_id: str) -> dict[str, Any]:
+    return _redis_call(lambda: _describe(_fetch(rt, job_id)))
+
+
+@router.get("/heads/alignment/{job_id}.png", dependencies=[ApiKey], response_class=Response,
+            responses={**_PNG, 404: {"description": "unknown job"}, 409: {"description": "job not finished"}},
+            summary="Picture of a finished alignment job")
+async def alignment_job_png(job_id: str, rt: RuntimeDep,
+                            score: Literal["text_correlation", "supervised"] = Query("text_correlation"),
+                            picture: Literal["heatmap", "ablation"] = Query("heatmap")) -> Response:
+    info = _job_report(rt, job_id)
+    if info["status"] != "succeeded" or "heads" not in info:
+        return JSONResponse({"error": {"type": "conflict", "message": f"job {job_id} is {info['status']}, "
+                                       "not a finished head alignment"}}, status_code=409)
+    assert rt.store is not None
+    g = rt.store.backbone.geometry
+    png = await asyncio.to_thread(_alignment_picture, info, score, picture, g.layers, g.heads)
+    return Response(png, media_type="image/png")
+
+
+@router.get("/heads/alignment/{job_id}", dependencies=[ApiKey], responses={404: {"description": "unknown job"}},
+            summary="Status, progress and result of an alignment job")
+async def alignment_job(job_id: str, rt: RuntimeDep) -> dict[str, Any]:
+    """Status as for fit jobs; when ``succeeded`` the body also holds the full alignment report."""
+    return _job_report(rt, job_id)
+
+
+# ---- one head (declared last: /heads/{layer}/{head} would otherwise shadow /heads/alignment/{job_id}) ----
+
+
+@router.get("/heads/{layer}/{head}", dependencies=[ApiKey], responses={404: {"description": "no such head"}},
+            summary="One head: full spectrum and text descriptions")
+async def head_detail(layer: int, head: int, rt: RuntimeDep,
+                      method: Literal["somp", "textspan"] = Query("somp", description="description algorithm"),
+                      atoms: int = Query(10, ge=1, le=50, description="texts describing the head"),
+                      components: int = Query(5, ge=0, le=32, description="principal components described"),
+                      component_atoms: int = Query(5, ge=1, le=20, description="texts per component")
+                      ) -> dict[str, Any]:
+    """Eigenvalues and cumulative EVR of all components; the head's outputs on the reference sample described by
+    ``atoms`` dictionary texts (weights: RMS coefficient for SOMP, explained variance for TextSpan); each of the
+    top ``components`` principal components described by OMP (signed weights: a component's sign is arbitrary).
+    """
+    assert rt.heads is not None
+    return await rt.heads.head_detail(layer, head, atoms, components, component_atoms, method)
+
+
+@router.get("/heads/{layer}/{head}/spectrum.png", dependencies=[ApiKey], responses={**_PNG, 404: {}},
+            response_class=Response, summary="Explained-variance curve of one head (and its layer's MLP)")
+async def head_spectrum_png(layer: int, head: int, rt: RuntimeDep,
+                            n: int = Query(32, ge=2, le=4096, description="components drawn")) -> Response:
+    assert rt.heads is not None
+    idx = rt.heads.head_index(layer, head)
+    basis = await asyncio.to_thread(rt.heads.basis)
+    g = rt.heads.bb.geometry
+    curves = {}
+    for name, unit in ((f"head {layer}.{head}", 1 + g.layers + idx), (f"mlp {layer}", 1 + layer)):
+        eig = basis.eigenvalues[unit]
+        curves[name] = (eig.cumsum(0) / eig.sum().clamp_min(1e-30))[:n].tolist()
+    png = await asyncio.to_thread(evr_curves_png, curves, f"layer {layer}, head {head}: explained variance")
+    return Response(png, media_type="image/png")
