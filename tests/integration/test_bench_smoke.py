@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_library_smoke(tmp_path: Path) -> None:
 
 
 def test_service_smoke(tmp_path: Path) -> None:
-    result = _run("bench/service.py", "--smoke", tmp=tmp_path)
+    result = _run("bench/serving.py", "--smoke", tmp=tmp_path)
     for row in result["rows"].values():
         assert row["requests"] > 0 and row["errors"] == 0
 
@@ -43,3 +44,43 @@ def test_backbone_smoke(tmp_path: Path) -> None:
     for row in result["rows"]:
         assert set(row["images_per_s"]) == {"plain", "capture", "fused_full", "fused_fine", "naive_full"}
         assert all(v > 0 for v in row["images_per_s"].values())
+
+
+def test_heads_smoke(tmp_path: Path) -> None:
+    result = _run("bench/heads.py", "--smoke", tmp=tmp_path)
+    assert set(result["tasks"]) == {"shape", "colour", "size", "position", "background", "texture", "digit", "count"}
+    for t in result["tasks"].values():
+        assert len(t["heads"]) == 24 and len(t["best_head_description"]) == 5
+
+
+def test_multi_adapter_smoke(tmp_path: Path) -> None:
+    result = _run("bench/multi_adapter.py", "--smoke", tmp=tmp_path)
+    assert [r["k"] for r in result["rows"]] == [1, 4]
+    assert all(r["images_per_s"]["mixed"] > 0 for r in result["rows"])
+
+
+def test_text_cache_smoke(tmp_path: Path) -> None:
+    from tests.redis_server import shared_or_private
+
+    server = shared_or_private()
+    try:
+        out = tmp_path / "out.json"
+        subprocess.run([sys.executable, "bench/text_cache.py", "--smoke", "--json", str(out)], cwd=ROOT, check=True,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RESIDUAL_REDIS_URL": server.url})
+        rows = json.loads(out.read_text())["rows"]
+    finally:
+        server.stop()
+    assert [r["classes"] for r in rows] == [10, 50]
+    assert all(r["prompts_encoded_cold"] == 4 * r["classes"] for r in rows)
+
+
+def test_fit_scaling_smoke(tmp_path: Path) -> None:
+    rows = _run("bench/fit_scaling.py", "--smoke", tmp=tmp_path)["rows"]
+    assert [r["images"] for r in rows] == [100, 300] and "growth" in rows[1]
+
+
+def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
+    result = _run("bench/gpu.py", "--smoke", tmp=tmp_path)
+    assert result["matmul_tflops"] > 0 and result["rows"][0]["model"] == "ViT-B-16"
+    assert result["rows"][0]["images_per_s"]["fused_full"] > 0

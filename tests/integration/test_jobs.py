@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import signal
@@ -23,6 +22,7 @@ from rq.serializers import JSONSerializer
 from residual.tiny import tasks
 from service.main import create_app
 from service.worker import QUEUE_NAME
+from tests.processes import api_process
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
 from tests.waiting import wait_for
@@ -272,30 +272,6 @@ def test_pickled_job_payload_is_refused(api: TestClient, redis_jobs: RedisServer
                                          "world_sizes": {"train": 100, "val": 20, "test": 20},
                                          "hyperparameters": {"epochs": 1}})
     assert wait_status(api, r.json()["job_id"], {"succeeded", "failed"})["status"] == "succeeded"
-
-
-@contextlib.contextmanager
-def api_process(redis_url: str, artifacts: Path) -> Iterator[httpx.Client]:
-    """A second API replica as its own uvicorn process on a free loopback port."""
-    port = free_port()
-    env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
-               HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-            def ready() -> bool:
-                try:
-                    return client.get("/readyz").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_for(ready, 120, "the second API process to be ready")
-            yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_large_head_alignment_becomes_a_job(redis_jobs: RedisServer, artifacts: Path, worker) -> None:

@@ -4,8 +4,8 @@ Starts the API (``residual-serve``) as a subprocess on a free loopback port for 
 drives it from a separate load-generator process: ``--clients`` concurrent clients, each sending
 ``--requests`` requests of ``--images`` world images (bounded in count and by ``--deadline`` seconds).
 
-    python bench/service.py --clients 8 --images 4 --requests 25 --json bench/out/service.json
-    python bench/service.py --smoke
+    python bench/serving.py --clients 8 --images 4 --requests 25 --json bench/out/service.json
+    python bench/serving.py --smoke
 """
 
 from __future__ import annotations
