@@ -22,7 +22,7 @@ import torch
 from residual.classifier import fill_templates, prompt_embeddings_to_classes
 from service.metrics import Metrics
 
-__all__ = ["RedisState", "TextCache", "decode_array", "encode_array"]
+__all__ = ["RedisState", "TextCache", "decode_array", "encode_array", "queue_policy_warning"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +156,21 @@ class TextCache:
             self._lru.move_to_end(label_set_id)
             while len(self._lru) > self.lru_size:
                 self._lru.popitem(last=False)
+
+
+def queue_policy_warning(conn: redis.Redis) -> tuple[str | None, str | None]:
+    """(maxmemory-policy of the job-queue Redis, a warning when it may evict jobs).
+
+    The queue must never lose a job to eviction: anything but ``noeviction`` is reported. ``unknown`` when the
+    server refuses CONFIG (managed Redis, ACLs) and None when it does not answer.
+    """
+    try:
+        policy = str(conn.config_get("maxmemory-policy").get("maxmemory-policy", "unknown"))
+    except redis.ResponseError:
+        return "unknown", None
+    except (redis.RedisError, OSError):
+        return None, None
+    if policy != "noeviction":
+        return policy, (f"the job-queue Redis uses maxmemory-policy {policy!r}: queued jobs and results can be "
+                        "evicted under memory pressure; use 'noeviction' (see deploy/README.md)")
+    return policy, None

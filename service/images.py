@@ -33,16 +33,20 @@ def decode_image(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
     if not data:
         raise UnsupportedMedia(f"images[{index}] is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise PayloadTooLarge(f"images[{index}] has {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-            im.seek(0)
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))  # header only
+        w, h = im.size
+        if w * h > max_pixels:  # our ceiling, checked before any pixel is decoded
+            raise PayloadTooLarge(f"images[{index}] has {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        if any(issubclass(c.category, Image.DecompressionBombWarning) for c in caught):
+            raise PayloadTooLarge(f"images[{index}] has {w}x{h} pixels, over Pillow's decompression-bomb threshold")
+        im.seek(0)
+        im.load()
+        return im.convert("RGB")
+    except Image.DecompressionBombError as exc:  # more than twice Pillow's threshold: refused inside open()
+        raise PayloadTooLarge(f"images[{index}] is too large to decode: {exc}") from exc
+    except UnidentifiedImageError as exc:
         raise UnsupportedMedia(f"images[{index}] is not a decodable {'/'.join(ALLOWED_FORMATS)} image") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise UnsupportedMedia(f"images[{index}] could not be decoded: {exc}") from exc

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from residual import RawFeatures, extract
 from service.batcher import Batcher
-from service.cache import RedisState, TextCache
+from service.cache import RedisState, TextCache, queue_policy_warning
 from service.deps import Runtime
 from service.errors import error_body, install
 from service.heads import HeadService
@@ -145,6 +145,9 @@ def _load(rt: Runtime) -> None:
         store.text_forwards = 0
         rt.text = text
         rt.store = store
+        _, warning = queue_policy_warning(rt.jobs_redis)
+        if warning:
+            logger.warning("%s", warning)
         logger.info("model %s (%s) ready on %s; auth %s", bb.name, bb.weights_id, bb.device,
                     "open (no API keys configured)" if s.api_key is None and s.admin_api_key is None else "enabled")
     except Exception as exc:  # noqa: BLE001 - reported by /readyz, logged with traceback

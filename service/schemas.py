@@ -81,3 +81,6 @@ class Ready(BaseModel):
     device: str
     redis: str
     auth: str = Field(..., description="'open' when no API key is configured (development default)")
+    queue_maxmemory_policy: str | None = Field(
+        None, description="maxmemory-policy of the job-queue Redis ('unknown' when CONFIG is not allowed)")
+    warnings: list[str] = Field(default_factory=list, description="configuration problems worth fixing")

@@ -22,9 +22,10 @@ class Settings(BaseSettings):
         None, description="local checkpoint (.safetensors or torch file); default: the embedded model's weights")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="parameter storage precision")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the text-embedding cache")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", repr=False,
+                           description="Redis for the text-embedding cache (may hold a password: never printed)")
     queue_redis_url: str | None = Field(
-        None, description="Redis of the job queue (durable, noeviction); default: redis_url")
+        None, repr=False, description="Redis of the job queue (durable, noeviction); default: redis_url")
     redis_timeout_s: PositiveFloat = Field(0.1, description="socket timeout of every cache call")
     redis_retry_s: PositiveFloat = Field(2.0, description="after a Redis failure, wait this long before retrying")
     artifact_dir: Path = Field(Path("artifacts"), description="coefficient sets, bases, label sets, feature caches")

@@ -43,6 +43,7 @@ from residual.decomposition import project_units
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
 from residual.tiny.reference import reference_basis
+from service.cache import queue_policy_warning
 from service.heads import alignment_report, load_alignment_data
 from service.settings import Settings, get_settings
 from service.worker_metrics import FEATURE_CACHE, FIT_SECONDS, JOBS_DONE
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = get_settings()
     conn = redis.Redis.from_url(s.jobs_redis_url)
+    _, warning = queue_policy_warning(conn)
+    if warning:
+        logger.warning("%s", warning)
     if s.worker_metrics_port:
         try:
             start_http_server(s.worker_metrics_port)

@@ -38,8 +38,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_private(port: int | None = None) -> RedisServer:
-    """Start a throw-away redis-server (no persistence) and wait until it answers."""
+def start_private(port: int | None = None, *args: str) -> RedisServer:
+    """Start a throw-away redis-server (no persistence; ``args`` are extra server options), wait until it answers."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("the tests need a Redis: RESIDUAL_REDIS_URL does not answer and no redis-server binary "
@@ -47,7 +47,7 @@ def start_private(port: int | None = None) -> RedisServer:
     port = port or free_port()
     workdir = tempfile.mkdtemp(prefix="residual-redis-")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", workdir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dir", workdir, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
         wait_for(lambda: _answers(url) or proc.poll() is not None, 10, f"redis-server on port {port}")

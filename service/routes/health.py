@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.cache import queue_policy_warning
 from service.deps import get_runtime
 from service.errors import error_body
 from service.schemas import Ready
@@ -28,11 +29,13 @@ async def readyz(request: Request) -> Response:
         msg = "the model is still loading" if rt.load_error is None else f"the model failed to load: {rt.load_error}"
         return JSONResponse(error_body("not_ready", msg), status_code=503, headers={"Retry-After": "5"})
     redis_up = await asyncio.to_thread(rt.redis.ping)
+    policy, warning = await asyncio.to_thread(queue_policy_warning, rt.jobs_redis)
     s = rt.settings
     body = Ready(status="ready" if redis_up else "degraded", model=rt.store.backbone.name,
                  weights_id=rt.store.backbone.weights_id, device=str(rt.store.backbone.device),
                  redis="up" if redis_up else "down",
-                 auth="open" if s.api_key is None and s.admin_api_key is None else "enabled")
+                 auth="open" if s.api_key is None and s.admin_api_key is None else "enabled",
+                 queue_maxmemory_policy=policy, warnings=[warning] if warning else [])
     return JSONResponse(body.model_dump())
 
 
