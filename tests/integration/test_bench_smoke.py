@@ -84,3 +84,20 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     result = _run("bench/gpu.py", "--smoke", tmp=tmp_path)
     assert result["matmul_tflops"] > 0 and result["rows"][0]["model"] == "ViT-B-16"
     assert result["rows"][0]["images_per_s"]["fused_full"] > 0
+
+
+def test_soak_smoke(tmp_path: Path) -> None:
+    from tests.redis_server import shared_or_private
+
+    server = shared_or_private()
+    try:
+        out = tmp_path / "out.json"
+        proc = subprocess.run([sys.executable, "bench/soak.py", "--smoke", "--json", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RESIDUAL_REDIS_URL": server.url})
+    finally:
+        server.stop()
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert result["all_5xx"] == 0 and result["valid_ok"] > 0 and not result["transport_errors"]
+    assert all(result["statuses"][k] for k in ("bomb", "lying_length", "classify_multipart"))
