@@ -70,11 +70,16 @@ def _backbone(s: Settings) -> Backbone:
 
 
 def _progress(**fields: Any) -> None:
+    """Best effort: a Redis outage must not fail the fit (the result is written once Redis is back)."""
     job = get_current_job()
-    if job is not None:
+    if job is None:
+        return
+    try:
         job.get_meta(refresh=True)
         job.meta.setdefault("progress", {}).update(fields)
         job.save_meta()
+    except (redis.RedisError, OSError) as exc:
+        logger.warning("progress of job %s not saved (%s); the fit goes on", job.id, type(exc).__name__)
 
 
 def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tuple[RawFeatures, torch.Tensor]]:
@@ -177,7 +182,12 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
                   val_accuracy=p["val_accuracy"], best_val_accuracy=p["best_val_accuracy"])
 
     def should_stop() -> bool:
-        return bool(conn is not None and job is not None and conn.exists(cancel_key(job.id)))
+        if conn is None or job is None:
+            return False
+        try:
+            return bool(conn.exists(cancel_key(job.id)))
+        except (redis.RedisError, OSError):  # Redis away: no cancel request can have arrived
+            return False
 
     _progress(phase="fitting", fraction=0.0)
     result = fit(data["train"], cls, bb.logit_scale, basis, ln, classes, templates, cfg,

@@ -18,6 +18,7 @@ from tests.waiting import wait_for
 class RedisServer:
     url: str
     process: subprocess.Popen[bytes] | None = None
+    workdir: str | None = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -38,14 +39,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_private(port: int | None = None, *args: str) -> RedisServer:
-    """Start a throw-away redis-server (no persistence; ``args`` are extra server options), wait until it answers."""
+def start_private(port: int | None = None, *args: str, workdir: str | None = None) -> RedisServer:
+    """Start a throw-away redis-server and wait until it answers.
+
+    No persistence unless ``args`` (extra server options, e.g. ``--appendonly yes``) say otherwise; ``workdir``
+    (default: a new temporary folder) is where it keeps its files, so a restart on the same folder and port
+    recovers them.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("the tests need a Redis: RESIDUAL_REDIS_URL does not answer and no redis-server binary "
                            "is on PATH (install it, e.g. `apt-get install redis-server`)")
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="residual-redis-")
+    workdir = workdir or tempfile.mkdtemp(prefix="residual-redis-")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", workdir, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
@@ -56,7 +62,7 @@ def start_private(port: int | None = None, *args: str) -> RedisServer:
         raise
     if proc.poll() is not None:
         raise RuntimeError(f"redis-server exited at start on port {port}")
-    return RedisServer(url, proc)
+    return RedisServer(url, proc, workdir)
 
 
 def shared_or_private() -> RedisServer:
