@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import APIRouter, Request
 from PIL import Image
@@ -77,13 +78,15 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def _decode_all(blobs: list[bytes], rt: Runtime) -> torch.Tensor:
+    """Decode and preprocess; images already at the model's input size skip the PIL transform pipeline (the
+    normalisation alone is applied, batched: identical pixels, see ``Backbone.pixels_from_arrays``)."""
     assert rt.store is not None
-    pre = rt.store.backbone.preprocess
-    tensors = []
-    for i, blob in enumerate(blobs):
-        image: Image.Image = decode_image(blob, rt.settings.max_image_pixels, i)
-        tensors.append(pre(image))
-    return torch.stack(tensors)
+    bb = rt.store.backbone
+    size = bb.geometry.image_size
+    images: list[Image.Image] = [decode_image(blob, rt.settings.max_image_pixels, i) for i, blob in enumerate(blobs)]
+    if all(im.size == (size, size) for im in images):
+        return bb.pixels_from_arrays(np.stack([np.asarray(im) for im in images]))
+    return torch.stack([bb.preprocess(im) for im in images])
 
 
 @router.post("/classify", response_model=ClassifyResponse, dependencies=[ApiKey], responses=_ERRORS,

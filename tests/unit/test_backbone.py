@@ -79,3 +79,14 @@ def test_pretrained_tag_resolves_from_the_local_hub_cache(tmp_path) -> None:
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(bb.encode_image(x), ref.encode_image(x), rtol=1e-4, atol=1e-5)
+
+
+def test_native_size_fast_path_equals_preprocess(tiny) -> None:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    from residual.tiny import tasks
+
+    images, _, _ = tasks.task_images("shape", "test", n=6)
+    fast = tiny.pixels_from_arrays(images)
+    slow = torch.stack([tiny.preprocess(Image.fromarray(a)) for a in images])
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
