@@ -21,14 +21,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from residual.plots import ablation_png, evr_curves_png, head_heatmap_png
-from residual.tiny import tasks
 from service.datasets import DatasetStore
-from service.deps import ApiKey, Runtime, RuntimeDep, label_set_from
+from service.deps import ApiKey, Runtime, RuntimeDep
 from service.errors import InvalidRequest
 from service.heads import heads_matrix
 from service.images import decode_base64, decode_image
 from service.model_store import label_set_id
-from service.routes.jobs import InlineDataset, _describe, _fetch, _queue, _redis_call, world_label_set
+from service.routes.jobs import InlineDataset, _describe, _fetch, _queue, _redis_call, world_and_label_set
 from service.schemas import LabelSet
 
 router = APIRouter(tags=["heads"])
@@ -105,21 +104,11 @@ async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, An
     spec: dict[str, Any] = {"weights_id": rt.store.backbone.weights_id,
                             "params": {"fractions": body.fractions, "seeds": body.seeds, "ablation": body.ablation,
                                        "top": body.top}}
-    world_task = None
-    if isinstance(body.dataset, str) and body.dataset.startswith("world:"):
-        world_task = body.dataset.split(":", 1)[1]
-        if world_task not in tasks.TASKS:
-            raise InvalidRequest(f"unknown world task {world_task!r}; choose from {sorted(tasks.TASKS)}")
-        sizes = body.world_sizes or AlignmentSizes()  # type: ignore[call-arg]
-        spec["world"] = {"task": world_task, **sizes.model_dump()}
-    elif body.world_sizes is not None:
-        raise InvalidRequest("world_sizes applies to 'world:<task>' datasets only")
-    classes, templates = label_set_from(body.label_set, body.label_set_id, rt, world_label_set(world_task))
-    if world_task is not None and len(classes) != len(tasks.TASKS[world_task].classes):
-        raise InvalidRequest(f"world task {world_task!r} has {len(tasks.TASKS[world_task].classes)} classes; "
-                             f"the label set has {len(classes)}")
-    if len(classes) < 2:
-        raise InvalidRequest("head alignment needs at least two classes")
+    world, classes, templates = world_and_label_set(body.dataset, body.world_sizes, AlignmentSizes, body.label_set,
+                                                    body.label_set_id, rt, "head alignment")
+    world_task = world["task"] if world else None
+    if world:
+        spec["world"] = world
     spec |= {"classes": classes, "templates": templates,
              "label_set_id": label_set_id(rt.store.backbone.weights_id, classes, templates)}
     inline = None

@@ -85,11 +85,32 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
-def world_label_set(task: str | None) -> tuple[list[str], list[str]] | None:
-    """The label set a world task brings (None for other data)."""
-    if task is None:
-        return None
-    return list(tasks.TASKS[task].classes), list(tasks.TASKS[task].templates)
+def world_and_label_set(dataset: object, sizes: BaseModel | None, default_sizes: type[BaseModel],
+                        label_set: LabelSet | None, label_set_id: str | None, rt: Runtime, purpose: str
+                        ) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """(world spec for 'world:<task>' datasets or None, classes, templates), validated (422).
+
+    A world task brings its own label set when none is given; a given one must have as many classes.
+    """
+    world: dict[str, Any] | None = None
+    if isinstance(dataset, str) and dataset.startswith("world:"):
+        task = dataset.split(":", 1)[1]
+        if task not in tasks.TASKS:
+            raise InvalidRequest(f"unknown world task {task!r}; choose from {sorted(tasks.TASKS)}")
+        world = {"task": task, **(sizes or default_sizes()).model_dump()}
+    elif sizes is not None:
+        raise InvalidRequest("world_sizes applies to 'world:<task>' datasets only")
+    own = None
+    if world is not None:
+        t = tasks.TASKS[world["task"]]
+        own = (list(t.classes), list(t.templates))
+    classes, templates = label_set_from(label_set, label_set_id, rt, own)
+    if own is not None and len(classes) != len(own[0]):
+        raise InvalidRequest(f"world task {world['task']!r} has {len(own[0])} classes; the label set has "
+                             f"{len(classes)}")
+    if len(classes) < 2:
+        raise InvalidRequest(f"{purpose} needs at least two classes")
+    return world, classes, templates
 
 
 def _queue(rt: Runtime) -> Queue:
@@ -121,19 +142,11 @@ async def submit_fit(body: FitRequest, rt: RuntimeDep) -> JobAccepted:
         raise InvalidRequest(f"unknown variant {body.variant!r}")
     spec: dict[str, Any] = {"name": body.name, "variant": body.variant, "basis": body.basis,
                             "hyper": body.hyperparameters.model_dump(), "weights_id": rt.store.backbone.weights_id}
-    world_task = None
-    if isinstance(body.dataset, str) and body.dataset.startswith("world:"):
-        world_task = body.dataset.split(":", 1)[1]
-        if world_task not in tasks.TASKS:
-            raise InvalidRequest(f"unknown world task {world_task!r}; choose from {sorted(tasks.TASKS)}")
-        sizes = body.world_sizes or WorldSizes()  # type: ignore[call-arg]
-        spec["world"] = {"task": world_task, **sizes.model_dump()}
-    classes, templates = label_set_from(body.label_set, body.label_set_id, rt, world_label_set(world_task))
-    if world_task is not None and len(classes) != len(tasks.TASKS[world_task].classes):
-        raise InvalidRequest(f"world task {world_task!r} has {len(tasks.TASKS[world_task].classes)} classes; "
-                             f"the label set has {len(classes)}")
-    if len(classes) < 2:
-        raise InvalidRequest("fitting needs at least two classes")
+    world, classes, templates = world_and_label_set(body.dataset, body.world_sizes, WorldSizes, body.label_set,
+                                                    body.label_set_id, rt, "fitting")
+    world_task = world["task"] if world else None
+    if world:
+        spec["world"] = world
     if world_task is None:
         store = _datasets(rt)
         if isinstance(body.dataset, InlineDataset):
