@@ -4,7 +4,7 @@ Starts the API (``residual-serve``) as a subprocess on a free loopback port for 
 drives it from a separate load-generator process: ``--clients`` concurrent clients, each sending
 ``--requests`` requests of ``--images`` world images (bounded in count and by ``--deadline`` seconds).
 
-    python bench/serving.py --clients 8 --images 4 --requests 25 --json bench/out/service.json
+    python bench/serving.py --clients 1,8,64 --images 4 --requests 25 --json bench/out/service.json
     python bench/serving.py --smoke
 """
 
@@ -109,7 +109,9 @@ def in_process(batch: int, repeats: int) -> float:
     return batch * repeats / (time.perf_counter() - t0)
 
 
-def run_config(batching: bool, args: argparse.Namespace, redis_url: str) -> dict[str, float]:
+def run_config(batching: bool, args: argparse.Namespace, redis_url: str, clients: list[int]
+               ) -> dict[int, dict[str, float]]:
+    """One API process per configuration; the load generator runs once per client count against it."""
     port = _free_port()
     env = dict(os.environ, RESIDUAL_BATCHING=str(batching).lower(), RESIDUAL_REDIS_URL=redis_url,
                RESIDUAL_ARTIFACT_DIR=tempfile.mkdtemp(prefix="bench-art-"), RESIDUAL_DEVICE="cpu",
@@ -128,10 +130,14 @@ def run_config(batching: bool, args: argparse.Namespace, redis_url: str) -> dict
             time.sleep(0.2)
         else:
             raise RuntimeError("server did not become ready")
-        gen = subprocess.run([sys.executable, __file__, "--load-only", url, "--clients", str(args.clients),
-                              "--requests", str(args.requests), "--images", str(args.images),
-                              "--deadline", str(args.deadline)], capture_output=True, text=True, check=True, cwd=ROOT)
-        return json.loads(gen.stdout.strip().splitlines()[-1])
+        out = {}
+        for n in clients:
+            gen = subprocess.run([sys.executable, __file__, "--load-only", url, "--clients", str(n),
+                                  "--requests", str(args.requests), "--images", str(args.images),
+                                  "--deadline", str(args.deadline)], capture_output=True, text=True, check=True,
+                                 cwd=ROOT)
+            out[n] = json.loads(gen.stdout.strip().splitlines()[-1])
+        return out
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -139,7 +145,7 @@ def run_config(batching: bool, args: argparse.Namespace, redis_url: str) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", default="1,8,64", help="concurrent clients, one run per value")
     p.add_argument("--requests", type=int, default=25, help="requests per client")
     p.add_argument("--images", type=int, default=4, help="images per request")
     p.add_argument("--deadline", type=float, default=120.0, help="seconds; the load stops by itself")
@@ -149,27 +155,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.load_only:
-        print(json.dumps(load(args.load_only, args.clients, args.requests, args.images, args.deadline)))
+        print(json.dumps(load(args.load_only, int(args.clients), args.requests, args.images, args.deadline)))
         return 0
     if args.smoke:
-        args.clients, args.requests, args.deadline = 2, 3, 30.0
+        args.clients, args.requests, args.deadline = "2", 3, 30.0
+    clients = [int(c) for c in str(args.clients).split(",")]
     sys.path.insert(0, str(ROOT))
     from tests.redis_server import shared_or_private
 
     redis_server = shared_or_private()
     try:
-        rows = {"batching_on": run_config(True, args, redis_server.url),
-                "batching_off": run_config(False, args, redis_server.url)}
+        runs = {"batching_on": run_config(True, args, redis_server.url, clients),
+                "batching_off": run_config(False, args, redis_server.url, clients)}
     finally:
         redis_server.stop()
-    model_ips = in_process(args.clients * args.images, 3 if args.smoke else 20)
-    result = {"clients": args.clients, "images_per_request": args.images, "requests_per_client": args.requests,
+    rows: dict[str, dict[str, float]] = {}
+    model_ips: dict[int, float] = {}
+    for n in clients:
+        batch = min(64, n * args.images)  # the batcher never forms larger batches (max_batch_size)
+        model_ips[n] = in_process(batch, 3 if args.smoke else 20)
+        for config, by_clients in runs.items():
+            r = by_clients[n]
+            rows[f"{config}/{n}"] = {**r, "clients": n, "batching": config == "batching_on",
+                                     "in_process_batch": batch, "vs_in_process": r["images_per_s"] / model_ips[n]}
+    result = {"clients": clients, "images_per_request": args.images, "requests_per_client": args.requests,
               "in_process_images_per_s": model_ips, "rows": rows}
-    print(f"{'config':<14}{'req/s':>8}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'vs model':>10}")
+    print(f"{'config':<18}{'req/s':>8}{'img/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'vs model':>10}")
     for name, r in rows.items():
-        print(f"{name:<14}{r['rps']:>8.1f}{r['images_per_s']:>8.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
-              f"{r['p99_ms']:>9.1f}{r['images_per_s'] / model_ips:>10.2f}")
-    print(f"in-process backbone forward at batch {args.clients * args.images}: {model_ips:.1f} images/s")
+        print(f"{name:<18}{r['rps']:>8.1f}{r['images_per_s']:>8.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
+              f"{r['p99_ms']:>9.1f}{r['vs_in_process']:>10.2f}")
+    print("in-process backbone forward: " + ", ".join(f"batch {min(64, n * args.images)}: {v:.1f} images/s"
+                                                      for n, v in model_ips.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

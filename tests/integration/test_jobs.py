@@ -94,7 +94,7 @@ def _accuracy(client: TestClient, task: str, coefficients: str | None, n: int = 
 
 
 def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
-    r = api.post("/fit-alignment", json={"name": "texture", "dataset": "world:texture", "variant": "full"})
+    r = api.post("/fit-alignment", json={"name": "position", "dataset": "world:position", "variant": "full"})
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status_url"] == f"/fit-alignment/{job['job_id']}"
@@ -102,11 +102,11 @@ def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
     assert done["status"] == "succeeded", done
     report = done["report"]
     assert report["test_accuracy"] > report["zero_shot_test_accuracy"]
-    assert done["coefficients"].startswith("texture@v-")
-    zero_shot = _accuracy(api, "texture", None)
-    fitted = _accuracy(api, "texture", "texture")
+    assert done["coefficients"].startswith("position@v-")
+    zero_shot = _accuracy(api, "position", None)
+    fitted = _accuracy(api, "position", "position")
     assert fitted >= zero_shot + 0.1, (zero_shot, fitted)
-    listing = api.get("/coefficients/texture").json()
+    listing = api.get("/coefficients/position").json()
     assert listing["active"] == done["coefficients"].split("@")[1]
     assert api.get("/fit-alignment").json()["total"] >= 1
     scraped = api.get("/metrics").text
