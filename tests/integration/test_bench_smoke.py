@@ -101,3 +101,9 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert result["all_5xx"] == 0 and result["valid_ok"] > 0 and not result["transport_errors"]
     assert all(result["statuses"][k] for k in ("bomb", "lying_length", "classify_multipart"))
+
+
+def test_supervised_shape_diagnostic_runs() -> None:
+    proc = subprocess.run([sys.executable, "bench/tiny_supervised_shape.py", "--steps", "2", "--batch-size", "16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
