@@ -14,8 +14,6 @@ import argparse
 import base64
 import io
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,15 +23,10 @@ import time
 from pathlib import Path
 
 import httpx
+from _server import start_api  # type: ignore[import-not-found]
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _payload(n_images: int) -> dict[str, object]:
@@ -112,24 +105,11 @@ def in_process(batch: int, repeats: int) -> float:
 def run_config(batching: bool, args: argparse.Namespace, redis_url: str, clients: list[int]
                ) -> dict[int, dict[str, float]]:
     """One API process per configuration; the load generator runs once per client count against it."""
-    port = _free_port()
-    env = dict(os.environ, RESIDUAL_BATCHING=str(batching).lower(), RESIDUAL_REDIS_URL=redis_url,
-               RESIDUAL_ARTIFACT_DIR=tempfile.mkdtemp(prefix="bench-art-"), RESIDUAL_DEVICE="cpu",
-               RESIDUAL_MAX_WAIT_MS=str(args.max_wait_ms), HF_HUB_OFFLINE="1")
-    server = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
-                              env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    env = {"RESIDUAL_BATCHING": str(batching).lower(), "RESIDUAL_REDIS_URL": redis_url,
+           "RESIDUAL_ARTIFACT_DIR": tempfile.mkdtemp(prefix="bench-art-"), "RESIDUAL_DEVICE": "cpu",
+           "RESIDUAL_MAX_WAIT_MS": str(args.max_wait_ms), "HF_HUB_OFFLINE": "1"}
+    server, url = start_api(env)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not become ready")
         out = {}
         for n in clients:
             gen = subprocess.run([sys.executable, __file__, "--load-only", url, "--clients", str(n),

@@ -22,11 +22,8 @@ import argparse
 import base64
 import io
 import json
-import os
 import random
 import struct
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _server import start_api  # type: ignore[import-not-found]
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,14 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.clients, args.seconds = 2, 8.0
-    port = _port()
-    env = dict(os.environ, RESIDUAL_ARTIFACT_DIR=tempfile.mkdtemp(prefix="soak-art-"), RESIDUAL_DEVICE="cpu",
-               HF_HUB_OFFLINE="1", RESIDUAL_HEADS_SAMPLE_IMAGES="200")
-    server = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
-                              env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
+    env = {"RESIDUAL_ARTIFACT_DIR": tempfile.mkdtemp(prefix="soak-art-"), "RESIDUAL_DEVICE": "cpu",
+           "HF_HUB_OFFLINE": "1", "RESIDUAL_HEADS_SAMPLE_IMAGES": "200"}
+    server, url = start_api(env)
     try:
-        _wait_ready(url, server)
         warm = drive(url, 1, 3.0, 24)  # every kind once or twice: caches and lazy state exist before measuring
         rss_start = _rss_mib(server.pid)
         result = drive(url, args.clients, args.seconds, args.max_requests)
@@ -197,28 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     return 0 if result["all_5xx"] == 0 and result["warm_up_5xx"] == 0 and not result["transport_errors"] else 1
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError("the API process exited during start-up")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the API did not become ready within 120 s")
 
 
 if __name__ == "__main__":
