@@ -181,7 +181,8 @@ def _describe(job: Job) -> dict[str, Any]:
     status = _STATUS.get(job.get_status(refresh=False), "queued")
     if status == "failed" and job.connection.exists(cancel_key(job.id)):
         status = "cancelled"
-    out: dict[str, Any] = {"job_id": job.id, "name": job.meta.get("name"), "status": status,
+    out: dict[str, Any] = {"job_id": job.id, "kind": job.meta.get("kind", "fit-alignment"),
+                           "name": job.meta.get("name"), "status": status,
                            "progress": job.meta.get("progress", {}),
                            "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
                            "ended_at": job.ended_at.isoformat() if job.ended_at else None}

@@ -102,7 +102,7 @@ def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
     assert done["status"] == "succeeded", done
     report = done["report"]
     assert report["test_accuracy"] > report["zero_shot_test_accuracy"]
-    assert done["coefficients"].startswith("position@v-")
+    assert done["coefficients"].startswith("position@v-") and done["kind"] == "fit-alignment"
     zero_shot = _accuracy(api, "position", None)
     fitted = _accuracy(api, "position", "position")
     assert fitted >= zero_shot + 0.1, (zero_shot, fitted)
@@ -292,6 +292,7 @@ def test_large_head_alignment_becomes_a_job(redis_jobs: RedisServer, artifacts: 
         done = wait_for(finished, 300, "the head-alignment job to finish", interval=0.2)
         assert done["status"] == "succeeded", done
         assert len(done["heads"]) == 24 and done["n_score"] == 40 and done["n_eval"] == 60
+        assert done["kind"] == "head-alignment"
         # the worker's numbers are the API's numbers: the same request answered directly by a larger limit
         direct = small.app.state.runtime
         direct.settings.heads_sync_max_images = 1000
