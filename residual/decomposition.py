@@ -143,7 +143,8 @@ def extract(backbone: Backbone, pixels: torch.Tensor) -> tuple[RawFeatures, torc
     single: dict[str, torch.Tensor] = {}
 
     def cls(t: torch.Tensor) -> torch.Tensor:
-        return (t[:, 0] if t.dim() == 3 else t).float()  # (n, T, D) -> (n, D) at the class token
+        # (n, T, D) -> (n, D) at the class token, as a copy: a view would keep every token's activations alive
+        return (t[:, 0] if t.dim() == 3 else t).to(torch.float32, copy=True)
 
     handles = [
         visual.ln_pre.register_forward_hook(lambda m, i, o: single.__setitem__("emb", cls(o))),

@@ -116,3 +116,13 @@ def test_decomposition_identity_property(layers, heads, head_width, patch, grid,
     dec = decompose(bb, torch.randn(n, 3, patch * grid, patch * grid))
     assert dec.units.shape == (n, 1 + layers + layers * heads, embed_dim)
     assert _rel_err(dec.units, dec.embedding) <= 1e-5
+
+
+def test_captured_features_do_not_hold_every_token(tiny_random) -> None:  # type: ignore[no-untyped-def]
+    """Raw features are CLS copies: a view into the (n, T, D) activations would keep all tokens alive (65x)."""
+    from residual import extract
+
+    raw, _ = extract(tiny_random, torch.randn(4, 3, 48, 48))
+    for name in ("emb", "mlp", "heads", "pre_ln"):
+        t = getattr(raw, name)
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
