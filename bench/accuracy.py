@@ -111,7 +111,38 @@ def markdown(result: dict[str, object]) -> str:
                      + f" | {closed} |")
     params = rows[0]["params"]
     lines.append("| trainable parameters | | " + " | ".join(str(params[m]) for m in METHODS) + " | |")
+    lines += ["", "Quality bar of the embedded-model issue:", ""]
+    lines += [f"- [{'x' if met else ' '}] {name}: {detail}" for name, met, detail in quality_bar(result)]
     return "\n".join(lines) + "\n"
+
+
+def quality_bar(result: dict[str, object]) -> list[tuple[str, bool, str]]:
+    """The embedded-model issue's quality bar, criterion by criterion: (criterion, met, the figures behind it)."""
+    rows = result["rows"]
+    assert isinstance(rows, list)
+    by = {r["task"]: r for r in rows}
+    out = []
+    weak = [f"{r['task']} {r['zero_shot']:.2f} (chance {r['chance']:.2f})" for r in rows
+            if r["zero_shot"] < r["chance"] + 0.10]
+    out.append(("zero-shot at least 10 points above chance on every task", not weak, "; ".join(weak) or "all"))
+    if "shape" in by:
+        out.append(("zero-shot shape >= 0.60", by["shape"]["zero_shot"] >= 0.60, f"{by['shape']['zero_shot']:.3f}"))
+    low = [f"{r['task']} {r['linear_probe']:.2f}" for r in rows if r["linear_probe"] < 0.85]
+    out.append(("linear probe >= 0.85 on every task", not low, "; ".join(low) or "all"))
+    room = [r for r in rows if r["linear_probe"] - r["zero_shot"] >= 0.15]
+    out.append(("at least two tasks with zero-shot >= 15 points below the probe", len(room) >= 2,
+                ", ".join(r["task"] for r in room) or "none"))
+    for r in room:
+        gap = r["linear_probe"] - r["zero_shot"]
+        best = max(("coarse", "fine", "full"), key=lambda m: r[m])
+        closed = (r[best] - r["zero_shot"]) / gap
+        params = r["params"]
+        adapter = params["linear_adapter"]
+        ok = closed >= 0.5 and params[best] < adapter and params["fine"] <= adapter / 10
+        out.append((f"{r['task']}: best ResiDual closes >= half the gap with fewer parameters than the adapter", ok,
+                    f"{best} {r[best]:.3f} closes {closed:.0%} of {r['zero_shot']:.3f} -> {r['linear_probe']:.3f}"
+                    f" with {params[best]} parameters (adapter {params['linear_adapter']}, fine {params['fine']})"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run(args.smoke, args.tasks.split(","), args.seed)
+    result["quality_bar"] = [{"criterion": c, "met": m, "detail": d} for c, m, d in quality_bar(result)]
     table = markdown(result)
     print(table)
     for path, text in ((args.json, json.dumps(result, indent=2)), (args.markdown, table)):
