@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from residual.tiny import tasks, world
 
@@ -49,3 +50,53 @@ def test_training_batches_are_deterministic_and_hold_minimal_pairs() -> None:
         assert len({getattr(s, field) for s in group}) == 1, field
     rng = np.random.default_rng(1)
     assert all(s.shape in world.caption(s, rng, frozenset({"shape"})) for s in group)
+
+
+def test_focused_captions_name_the_attribute_and_nothing_that_tells_a_group_apart() -> None:
+    rng = np.random.default_rng(2)
+    cases = {
+        "shape": (world.sample_scene(rng, "object", shape="triangle", colour="red", size="large"), ("triangle",)),
+        "digit": (world.sample_scene(rng, "digit", digit="3"), ("3", "three")),
+        "position": (world.sample_scene(rng, "object", position="left"), ("left",)),
+        "size": (world.sample_scene(rng, "object", size="small", shape="star"), ("small", "tiny", "little")),
+        "count": (world.sample_scene(rng, "multi", count="three", shape="cross"), ("three", "3")),
+    }
+    for attribute, (scene, words) in cases.items():
+        caps = [world.focused_caption(scene, attribute, rng) for _ in range(30)]
+        assert all(any(w in c for w in words) for c in caps), (attribute, caps)
+        assert not any("background" in c or (scene.colour or "?") in c for c in caps), (attribute, caps)
+    with pytest.raises(ValueError, match="colour"):
+        world.focused_caption(cases["shape"][0], "colour", rng)
+
+
+def test_focus_replaces_full_captions_in_minimal_groups_only() -> None:
+    from residual.tiny.train import make_batch
+
+    _, plain = make_batch(64, 8, seed=4, side=48, focus=0.0)
+    _, focused = make_batch(64, 8, seed=4, side=48, focus=1.0)
+    assert len(plain) == len(focused) == 64
+    # the same scenes are drawn either way; with focus every minimal-pair caption is short
+    assert sum(len(c) for c in focused) < sum(len(c) for c in plain)
+    assert sum("background" in c for c in focused) < sum("background" in c for c in plain)
+
+
+def test_objects_and_glyphs_are_outlined_against_the_background() -> None:
+    rng = np.random.default_rng(3)
+    for background, dark_ring in (("white", True), ("black", False)):
+        scene = world.sample_scene(rng, "object", shape="circle", size="large", position="center", colour="red",
+                                   background=background, texture="plain", digit=None)
+        scene = scene.__class__(**{**scene.__dict__, "digit": None, "jitter": (0.0,) * 16})
+        img = world.render(scene, side=48).astype(float)
+        r = world._SIZE_RADIUS["large"] * 48
+        ring = img[24, round(24 + r * (1 + world._OUTLINE / 2))]  # a pixel inside the outline ring
+        centre = img[24, 24]
+        assert abs(centre - np.asarray(world.COLOURS["red"])).max() < 30
+        assert (ring.mean() < 60) if dark_ring else (ring.mean() > 200), (background, ring)
+    digit = world.sample_scene(rng, "digit", digit="8", background="white", texture="plain", size="large")
+    plain = world.render(digit)
+    saved = world._OUTLINE
+    try:
+        world._OUTLINE = 0.0
+        assert (world.render(digit).mean(-1) < 60).sum() < (plain.mean(-1) < 60).sum()  # the outline is dark ink
+    finally:
+        world._OUTLINE = saved
