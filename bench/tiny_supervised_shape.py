@@ -1,10 +1,12 @@
-"""Diagnostic: can the residual-tiny vision tower learn shape at all, trained *supervised* on the shape task?
+"""Diagnostic: how fast does the residual-tiny vision tower learn shape, trained *supervised* on the shape task?
 
-    .venv/bin/python bench/tiny_supervised_shape.py --lr 1.5e-3 --steps 200 [--plain]
+    .venv/bin/python bench/tiny_supervised_shape.py --lr 1e-3 --steps 300 [--outline 0] [--plain]
 
-Measured 2026-11-29 on 2 cores: 29 % (6 classes) after 200 steps of 128 images at lr 1.5e-3; still at chance
-after 100 steps at lr 5e-4 on plain backgrounds and at lr 5e-3. So the vision tower's learning speed on this
-input, not the contrastive setup, is what keeps the embedded model from learning shape (see its model card).
+Measured 2026-11-29 on 2 cores (both runs side by side, one thread each, 128 images a step): with the world's
+contrasting outlines 0.457 after 100 steps, 0.773 after 200 and 0.852 after 300; without (``--outline 0``) 0.22,
+0.14 and 0.242 (chance is 0.17). Without outlines a shape's edges flip polarity with its colour and background,
+and the patch embedding has to learn to ignore that first; that plateau, not the contrastive setup, is what
+kept the earlier embedded models from learning shape (see the model card).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--plain", action="store_true", help="plain backgrounds only")
+    p.add_argument("--outline", type=float, default=world._OUTLINE,
+                   help="outline width as a fraction of the object radius (0: the world without outlines)")
     args = p.parse_args(argv)
+    world._OUTLINE = args.outline
     torch.manual_seed(0)
     open_clip.add_model_config(_CONFIG_DIR)
     visual = open_clip.create_model("residual-tiny").visual
