@@ -3,7 +3,7 @@
 # accuracy table and rewrite the model card (which records the weights' hashes that the tests check).
 #
 #   .venv/bin/python -m residual.tiny.train --out /tmp/tiny/residual-tiny.safetensors   # about 50 min on 2 cores
-#   bash scripts/ship_tiny.sh /tmp/tiny/residual-tiny.safetensors                        # about 5 min
+#   bash scripts/ship_tiny.sh /tmp/tiny/residual-tiny.safetensors                        # about 2 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:?usage: ship_tiny.sh PATH/residual-tiny.safetensors}

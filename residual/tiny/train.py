@@ -54,7 +54,7 @@ class TrainConfig:
     loader_workers: int = 1  # processes rendering batches ahead of the optimiser (0 = render inline)
     focus: float = 0.5  # chance that a minimal-pair caption names only the group's attribute (at step 0) ...
     focus_until: float = 0.6  # ... falling linearly to 0 at this fraction of the steps
-    amp: bool = True  # bfloat16 autocast for the forward pass (CPU and CUDA); the loss and the weights stay float32
+    amp: bool = True  # bfloat16 autocast of the forward pass on the CPU; the loss and the weights stay float32
 
 
 def _pixels(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
