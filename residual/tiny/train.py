@@ -54,6 +54,7 @@ class TrainConfig:
     loader_workers: int = 1  # processes rendering batches ahead of the optimiser (0 = render inline)
     focus: float = 0.5  # chance that a minimal-pair caption names only the group's attribute (at step 0) ...
     focus_until: float = 0.6  # ... falling linearly to 0 at this fraction of the steps
+    texture_pairs: float = 0.0  # weight of texture minimal-pair groups in a batch (0: none, the shipped recipe)
     amp: bool = True  # bfloat16 autocast of the forward pass on the CPU; the loss and the weights stay float32
 
 
@@ -100,7 +101,7 @@ def _minimal_group(rng: np.random.Generator, attribute: str, kind: str, values: 
     return scenes
 
 
-def make_batch(batch_size: int, group: int, seed: int, side: int, focus: float = 0.0
+def make_batch(batch_size: int, group: int, seed: int, side: int, focus: float = 0.0, texture_pairs: float = 0.0
                ) -> tuple[np.ndarray, list[str]]:
     """One training batch, a pure function of ``seed``: (images (B, S, S, 3) uint8, captions).
 
@@ -112,11 +113,12 @@ def make_batch(batch_size: int, group: int, seed: int, side: int, focus: float =
     scenes: list[world.Scene] = []
     musts: list[frozenset[str]] = []
     focused: list[str | None] = []
-    probs = np.asarray([m[3] for m in _MINIMAL] + [1 - sum(m[3] for m in _MINIMAL)])
+    minimal = _MINIMAL + ((("texture", "object", world.TEXTURES, texture_pairs),) if texture_pairs > 0 else ())
+    probs = np.asarray([m[3] for m in minimal] + [1 - sum(m[3] for m in _MINIMAL)])
     while len(scenes) < batch_size:
         pick = int(rng.choice(len(probs), p=probs / probs.sum()))
-        if pick < len(_MINIMAL) and group > 1:
-            attribute, kind, values, _ = _MINIMAL[pick]
+        if pick < len(minimal) and group > 1:
+            attribute, kind, values, _ = minimal[pick]
             new = _minimal_group(rng, attribute, kind, values)
             must = frozenset({attribute} | ({"shape"} if attribute == "count" else set()))
             only = attribute if rng.random() < focus else None
@@ -145,7 +147,8 @@ class _Batches(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
         for i in range(wid, self.cfg.steps, n):
             yield make_batch(self.cfg.batch_size, self.cfg.group, self.cfg.seed * 1_000_003 + i, self.side,
-                             focus=self.cfg.focus * max(0.0, 1 - i / max(1.0, self.cfg.focus_until * self.cfg.steps)))
+                             focus=self.cfg.focus * max(0.0, 1 - i / max(1.0, self.cfg.focus_until * self.cfg.steps)),
+                             texture_pairs=self.cfg.texture_pairs)
 
 
 def evaluate(model: torch.nn.Module, tokenizer, n: int, side: int) -> dict[str, float]:  # type: ignore[no-untyped-def]

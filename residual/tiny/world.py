@@ -371,7 +371,7 @@ def _article(phrase: str) -> str:
 def caption(scene: Scene, rng: np.random.Generator, must: frozenset[str] = frozenset()) -> str:
     """A caption mentioning a random subset of the scene's attributes in a random phrasing.
 
-    Attributes in ``must`` ("shape", "size", "position", "digit", "count") are always mentioned.
+    Attributes in ``must`` ("shape", "size", "position", "digit", "count", "texture") are always mentioned.
     """
     parts: list[str] = []
     if scene.kind == "object":
@@ -410,8 +410,8 @@ def caption(scene: Scene, rng: np.random.Generator, must: frozenset[str] = froze
         colour = scene.colour + " " if rng.random() < 0.6 else ""
         named = rng.random() < 0.9 or "shape" in must
         parts.append(f"{n} {colour}{_PLURAL[scene.shape]}" if named else f"{n} {colour}objects")
-    if rng.random() < 0.5:
-        tex = _pick(rng, _TEXTURE_WORDS[scene.texture]) + " " if rng.random() < 0.6 else ""
+    if rng.random() < 0.5 or "texture" in must:
+        tex = _pick(rng, _TEXTURE_WORDS[scene.texture]) + " " if rng.random() < 0.6 or "texture" in must else ""
         bgw = scene.background + " " if rng.random() < 0.8 else ""
         parts.append(_pick(rng, ("on a ", "against a ", "over a ")) + f"{tex}{bgw}background")
     text = _pick(rng, _OPENERS) + " ".join(parts)
@@ -422,12 +422,14 @@ _THINGS = ("an object", "something", "a shape")
 
 
 def focused_caption(scene: Scene, attribute: str, rng: np.random.Generator) -> str:
-    """A short caption that names only ``attribute`` ("shape", "size", "position", "digit" or "count").
+    """A short caption that names only ``attribute`` ("shape", "size", "position", "digit", "count" or "texture").
 
     Used for minimal-pair groups early in training: inside such a group only this attribute tells the
     images apart, and a caption that names nothing else gives the text tower a clean target for it.
     """
     opener = _pick(rng, _OPENERS)
+    if attribute == "texture":
+        return f"{opener}{_article(_pick(rng, _TEXTURE_WORDS[scene.texture]))} background".strip()
     if attribute == "shape":
         assert scene.shape
         return (opener + _article(scene.shape)).strip()

@@ -60,11 +60,13 @@ def test_focused_captions_name_the_attribute_and_nothing_that_tells_a_group_apar
         "position": (world.sample_scene(rng, "object", position="left"), ("left",)),
         "size": (world.sample_scene(rng, "object", size="small", shape="star"), ("small", "tiny", "little")),
         "count": (world.sample_scene(rng, "multi", count="three", shape="cross"), ("three", "3")),
+        "texture": (world.sample_scene(rng, "object", texture="striped"), ("striped", "stripy", "lined")),
     }
     for attribute, (scene, words) in cases.items():
         caps = [world.focused_caption(scene, attribute, rng) for _ in range(30)]
         assert all(any(w in c for w in words) for c in caps), (attribute, caps)
-        assert not any("background" in c or (scene.colour or "?") in c for c in caps), (attribute, caps)
+        assert not any((attribute != "texture" and "background" in c) or (scene.colour or "?") in c for c in caps), (
+            attribute, caps)
     with pytest.raises(ValueError, match="colour"):
         world.focused_caption(cases["shape"][0], "colour", rng)
 
@@ -100,3 +102,15 @@ def test_objects_and_glyphs_are_outlined_against_the_background() -> None:
         assert (world.render(digit).mean(-1) < 60).sum() < (plain.mean(-1) < 60).sum()  # the outline is dark ink
     finally:
         world._OUTLINE = saved
+
+
+def test_texture_pairs_add_texture_groups_and_default_to_the_shipped_recipe() -> None:
+    from residual.tiny.train import make_batch
+
+    base = make_batch(96, 8, seed=6, side=48, focus=0.5)
+    same = make_batch(96, 8, seed=6, side=48, focus=0.5, texture_pairs=0.0)
+    assert np.array_equal(base[0], same[0]) and base[1] == same[1]
+    _, caps = make_batch(256, 8, seed=6, side=48, focus=1.0, texture_pairs=5.0)  # mostly texture groups
+    words = {w for ws in world._TEXTURE_WORDS.values() for w in ws}
+    named = [c for c in caps if c.endswith("background") and any(w in c for w in words)]
+    assert len(named) > 128, caps[:10]
