@@ -54,7 +54,7 @@ class TrainConfig:
     loader_workers: int = 1  # processes rendering batches ahead of the optimiser (0 = render inline)
     focus: float = 0.5  # chance that a minimal-pair caption names only the group's attribute (at step 0) ...
     focus_until: float = 0.6  # ... falling linearly to 0 at this fraction of the steps
-    texture_pairs: float = 0.0  # weight of texture minimal-pair groups in a batch (0: none, the shipped recipe)
+    texture_pairs: float = 0.15  # weight of background-texture minimal-pair groups in a batch (0: none)
     amp: bool = True  # bfloat16 autocast of the forward pass on the CPU; the loss and the weights stay float32
 
 

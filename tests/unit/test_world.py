@@ -104,7 +104,7 @@ def test_objects_and_glyphs_are_outlined_against_the_background() -> None:
         world._OUTLINE = saved
 
 
-def test_texture_pairs_add_texture_groups_and_default_to_the_shipped_recipe() -> None:
+def test_texture_pairs_add_texture_groups_and_zero_adds_none() -> None:
     from residual.tiny.train import make_batch
 
     base = make_batch(96, 8, seed=6, side=48, focus=0.5)
