@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "  them 0.87 and 0.998 (table above).",
         "- bfloat16 autocast makes a step about 1.5x faster on these CPUs: 2,200 steps took 47.8 minutes at",
         "  196 pairs/s (the previous model). The shipped run took longer (wall time above) because the machine",
-        "  ran at 117 pairs/s that day; 30-step runs of both recipes side by side that day measured the same rate",
-        "  (104 and 103 pairs/s), so the texture groups cost nothing.",
+        "  ran at 117 pairs/s that day; 30-step runs of both recipes, one after the other that day, measured",
+        "  the same rate (104 and 103 pairs/s), so the texture groups cost nothing.",
         "",
     ]
     weights.with_suffix(".md").write_text("\n".join(lines) + "\n")
