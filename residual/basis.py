@@ -8,7 +8,7 @@ contribution lives in a subspace of rank <= head_dim + 2), d for the MLPs and th
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,11 +98,21 @@ class Basis:
 
 
 def fit_basis(
-    backbone: Backbone, batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None
+    backbone: Backbone, batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None,
+    units: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Basis:
-    """Streaming per-unit PCA over pixel batches (n, 3, S, S); never holds more than one batch of units."""
-    ln = LinearisedLN(backbone)
-    return basis_from_units(backbone, (decompose(backbone, pixels, ln).units for pixels in batches), source)
+    """Streaming per-unit PCA over pixel batches (n, 3, S, S); never holds more than one batch of units.
+
+    ``units`` maps a pixel batch to its (n, U, d) units (default: :func:`decompose` here, on this thread); a
+    server passes one that runs the forward wherever it runs all forwards of the model.
+    """
+    if units is None:
+        ln = LinearisedLN(backbone)
+
+        def units(pixels: torch.Tensor) -> torch.Tensor:
+            return decompose(backbone, pixels, ln).units
+
+    return basis_from_units(backbone, (units(pixels) for pixels in batches), source)
 
 
 def basis_from_units(

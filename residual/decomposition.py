@@ -21,6 +21,7 @@ Unit order (paper): emb -> 0, MLP of layer l -> 1 + l, head (l, h) -> 1 + L + l*
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -132,40 +133,97 @@ def _gain(module: nn.Module, width: int, f32: dict[str, object]) -> torch.Tensor
     return gamma.detach().to(**f32)  # type: ignore[arg-type]
 
 
+class _Capture:
+    """The CLS features of one :func:`extract` call (per-call state: never shared between calls)."""
+
+    def __init__(self) -> None:
+        self.single: dict[str, torch.Tensor] = {}
+        self.mlp: list[torch.Tensor] = []
+        self.heads: list[torch.Tensor] = []
+
+
+_ACTIVE = threading.local()  # .capture: the _Capture of the extract() running on this thread, or absent
+_HOOKED_ATTR = "_residual_capture_hooks"
+
+
+def _cls(t: torch.Tensor) -> torch.Tensor:
+    # (n, T, D) -> (n, D) at the class token, as a copy: a view would keep every token's activations alive
+    return (t[:, 0] if t.dim() == 3 else t).to(torch.float32, copy=True)
+
+
+def _current() -> _Capture | None:
+    return getattr(_ACTIVE, "capture", None)
+
+
+def _install_capture_hooks(visual: nn.Module) -> None:
+    """Register the capture hooks once per vision tower; they are permanent and stateless.
+
+    Each hook writes into the :class:`_Capture` of the ``extract`` call running on the *calling thread* and does
+    nothing when there is none, so forwards on other threads (another ``extract``, a plain ``encode_image``) never
+    see or disturb each other's activations, and no hook list is mutated while a forward iterates it.
+    """
+    if getattr(visual, _HOOKED_ATTR, False):
+        return
+
+    def on_emb(m: nn.Module, i: tuple[torch.Tensor, ...], o: torch.Tensor) -> None:
+        c = _current()
+        if c is not None:
+            c.single["emb"] = _cls(o)
+
+    def on_pre_ln(m: nn.Module, i: tuple[torch.Tensor, ...]) -> None:
+        c = _current()
+        if c is not None:
+            c.single["pre_ln"] = _cls(i[0])
+
+    def on_heads(m: nn.Module, i: tuple[torch.Tensor, ...]) -> None:
+        c = _current()
+        if c is not None:
+            c.heads.append(_cls(i[0]))
+
+    def on_mlp(m: nn.Module, i: tuple[torch.Tensor, ...], o: torch.Tensor) -> None:
+        c = _current()
+        if c is not None:
+            c.mlp.append(_cls(o))
+
+    visual.ln_pre.register_forward_hook(on_emb)
+    visual.ln_post.register_forward_pre_hook(on_pre_ln)
+    for block in visual.transformer.resblocks:
+        block.attn.out_proj.register_forward_pre_hook(on_heads)
+        block.ls_2.register_forward_hook(on_mlp)
+    setattr(visual, _HOOKED_ATTR, True)
+
+
+_install_lock = threading.Lock()
+
+
 def extract(backbone: Backbone, pixels: torch.Tensor) -> tuple[RawFeatures, torch.Tensor]:
     """One forward pass: raw CLS features and the model's embedding (n, d), both float32.
 
-    Hooks are registered for the duration of the call only; any batch size works.
+    Re-entrant: the captured values live in per-call state bound to the calling thread, so any number of
+    threads may call ``extract`` on the same backbone at once and each gets exactly its own images' features
+    (tested with concurrent threads). Any batch size works.
     """
     visual = backbone.visual
     g = backbone.geometry
-    captured: dict[str, list[torch.Tensor]] = {"mlp": [], "heads": []}
-    single: dict[str, torch.Tensor] = {}
-
-    def cls(t: torch.Tensor) -> torch.Tensor:
-        # (n, T, D) -> (n, D) at the class token, as a copy: a view would keep every token's activations alive
-        return (t[:, 0] if t.dim() == 3 else t).to(torch.float32, copy=True)
-
-    handles = [
-        visual.ln_pre.register_forward_hook(lambda m, i, o: single.__setitem__("emb", cls(o))),
-        visual.ln_post.register_forward_pre_hook(lambda m, i: single.__setitem__("pre_ln", cls(i[0]))),
-    ]
-    for block in visual.transformer.resblocks:
-        handles.append(block.attn.out_proj.register_forward_pre_hook(
-            lambda m, i: captured["heads"].append(cls(i[0]))))
-        handles.append(block.ls_2.register_forward_hook(lambda m, i, o: captured["mlp"].append(cls(o))))
+    with _install_lock:
+        _install_capture_hooks(visual)
+    capture = _Capture()
+    outer = _current()  # a nested extract on the same thread (never done here, but kept correct)
+    _ACTIVE.capture = capture
     try:
         with torch.no_grad():
             embedding = backbone.encode_image(pixels).float()
     finally:
-        for h in handles:
-            h.remove()
+        _ACTIVE.capture = outer
     n = embedding.shape[0]
+    if len(capture.heads) != g.layers or len(capture.mlp) != g.layers or len(capture.single) != 2:
+        raise RuntimeError(f"capture saw {len(capture.heads)} attention and {len(capture.mlp)} MLP outputs for "
+                           f"{g.layers} layers; the vision tower was changed after load_backbone")
     raw = RawFeatures(
-        emb=single["emb"],
-        mlp=torch.stack(captured["mlp"], dim=1),  # L x (n, D) -> (n, L, D)
-        heads=torch.stack(captured["heads"], dim=1).view(n, g.layers, g.heads, g.head_dim),  # (n, L, D) -> (n,L,H,hd)
-        pre_ln=single["pre_ln"],
+        emb=capture.single["emb"],
+        mlp=torch.stack(capture.mlp, dim=1),  # L x (n, D) -> (n, L, D)
+        heads=torch.stack(capture.heads, dim=1).view(n, g.layers, g.heads, g.head_dim),  # (n,L,D) -> (n,L,H,hd)
+        pre_ln=capture.single["pre_ln"],
     )
     return raw, embedding
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from safetensors.torch import save_file
 
 from residual.errors import ArtifactError, NonFiniteCoefficientsError
 
-__all__ = ["load_tensors", "save_tensors", "tensors_hash"]
+__all__ = ["atomic_write", "load_tensors", "save_tensors", "tensors_hash"]
 
 _META_KEY = "residual"
 
@@ -33,14 +35,51 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write atomically (temporary file in the same folder, then rename)."""
+def atomic_write(path: str | os.PathLike[str], write: bytes | Callable[[Path], None]) -> Path:
+    """Publish a file atomically, safe for many processes and pods sharing one volume.
+
+    The content goes to a temporary file in the same folder with a random (uuid4) name, never a pid (every
+    container is pid 1) nor a fixed name, is fsynced, then renamed over ``path``, and the folder is fsynced. A
+    reader sees the old file or the new one, never a partial one; two writers of the same path never touch each
+    other's temporary file (the last rename wins). ``write`` is the bytes, or a function that writes the given
+    temporary path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        if isinstance(write, bytes):
+            with open(tmp, "wb") as f:
+                f.write(write)
+        else:
+            write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # some filesystems refuse to open folders; the rename is still atomic
+        return path
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    return path
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write atomically (:func:`atomic_write`: uuid temporary file, fsync, rename)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(clean, str(tmp),
+                                             metadata={_META_KEY: json.dumps(meta, sort_keys=True)}))
 
 
 def load_tensors(path: str | os.PathLike[str], check_finite: bool = True) -> tuple[dict[str, torch.Tensor],

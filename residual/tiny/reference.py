@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +32,14 @@ REFERENCE_SEED = 20_241_101
 _CHUNK = 500
 
 
-def reference_source() -> dict[str, object]:
-    return {"kind": "world", "distribution": "sample_scene (training mixture)", "n": REFERENCE_SIZE,
-            "seed": REFERENCE_SEED}
+def reference_source(n: int = REFERENCE_SIZE) -> dict[str, object]:
+    return {"kind": "world", "distribution": "sample_scene (training mixture)", "n": n, "seed": REFERENCE_SEED}
 
 
-def _batches(bb: Backbone) -> Iterator[torch.Tensor]:
+def _batches(bb: Backbone, n: int = REFERENCE_SIZE) -> Iterator[torch.Tensor]:
     rng = np.random.default_rng(REFERENCE_SEED)
-    for i in range(0, REFERENCE_SIZE, _CHUNK):
-        scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, REFERENCE_SIZE - i))]
+    for i in range(0, n, _CHUNK):
+        scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, n - i))]
         images = world.render_batch(scenes, side=bb.geometry.image_size, seed=REFERENCE_SEED + i)
         yield bb.pixels_from_arrays(images)
 
@@ -62,10 +61,17 @@ def shipped_basis_path(name: str = "residual-tiny") -> Path:
     return EMBEDDED_MODELS[name].with_name(f"{name}.basis.safetensors")
 
 
-def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = None) -> Basis:
-    """The shipped basis when it belongs to ``bb``'s weights, else a cached or freshly built one."""
+def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = None,
+                    units: Callable[[torch.Tensor], torch.Tensor] | None = None, n: int = REFERENCE_SIZE) -> Basis:
+    """The shipped basis when it belongs to ``bb``'s weights, else a cached or freshly built one.
+
+    ``units``: how a pixel batch becomes (n, U, d) units while building (see :func:`residual.basis.fit_basis`);
+    ``n``: images of the reference set a freshly built basis uses (the first ``n``; the default is the full set).
+    """
     candidates = [shipped_basis_path()] if bb.name in EMBEDDED_MODELS else []
-    cache = Path(cache_dir) / f"{bb.name}-{bb.weights_id.replace(':', '_')}.basis.safetensors" if cache_dir else None
+    suffix = "" if n == REFERENCE_SIZE else f"-n{n}"
+    cache = (Path(cache_dir) / f"{bb.name}-{bb.weights_id.replace(':', '_')}{suffix}.basis.safetensors"
+             if cache_dir else None)
     if cache is not None:
         candidates.append(cache)
     for path in candidates:
@@ -73,8 +79,8 @@ def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = Non
             basis = Basis.load(path)
             if basis.weights_id == bb.weights_id:
                 return basis
-    logger.info("building the reference basis of %s (%d world images)", bb.name, REFERENCE_SIZE)
-    basis = fit_basis(bb, _batches(bb), source=reference_source())
+    logger.info("building the reference basis of %s (%d world images)", bb.name, n)
+    basis = fit_basis(bb, _batches(bb, n), source=reference_source(n), units=units)
     if cache is not None:
         basis.save(cache)
     return basis

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import open_clip
 import pytest
 import torch
@@ -56,12 +58,27 @@ def test_any_batch_size_and_raw_shapes(tiny_random, n: int) -> None:
     assert _rel_err(project_units(raw, LinearisedLN(tiny_random)), emb) <= 1e-5
 
 
-def test_hooks_are_removed_after_extract(tiny_random) -> None:
-    extract(tiny_random, torch.randn(1, 3, 48, 48))
+def test_capture_hooks_are_installed_once_and_idle_outside_extract(tiny_random) -> None:
+    """The hooks are permanent (never added or removed while another thread's forward iterates them) and a
+    forward that is not an extract captures nothing, so it keeps no activations alive."""
+    import residual.decomposition as d
+
     visual = tiny_random.visual
-    assert not visual.ln_pre._forward_hooks and not visual.ln_post._forward_pre_hooks
-    for block in visual.transformer.resblocks:
-        assert not block.attn.out_proj._forward_pre_hooks and not block.ls_2._forward_hooks
+
+    def counts() -> list[int]:
+        blocks = visual.transformer.resblocks
+        return [len(visual.ln_pre._forward_hooks), len(visual.ln_post._forward_pre_hooks),
+                *[len(b.attn.out_proj._forward_pre_hooks) + len(b.ls_2._forward_hooks) for b in blocks]]
+
+    extract(tiny_random, torch.randn(1, 3, 48, 48))
+    first = counts()
+    assert first == [1, 1] + [2] * tiny_random.geometry.layers
+    for n in (1, 3):
+        extract(tiny_random, torch.randn(n, 3, 48, 48))
+    assert counts() == first
+    assert d._current() is None
+    tiny_random.encode_image(torch.randn(2, 3, 48, 48))  # a plain forward: the hooks see no capture
+    assert d._current() is None
 
 
 def test_unit_table_order(tiny_random) -> None:
@@ -126,3 +143,30 @@ def test_captured_features_do_not_hold_every_token(tiny_random) -> None:  # type
     for name in ("emb", "mlp", "heads", "pre_ln"):
         t = getattr(raw, name)
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
+def test_extract_is_reentrant_across_threads(tiny_random) -> None:
+    """Several threads extract different batches from one backbone at once (what an API that serves and
+    analyses heads does); each must get exactly its own features. Hooks on shared modules with shared lists
+    mixed the captures (a stack of (2, D) and (500, D) tensors) before capture state was per call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [torch.randn(n, 3, 48, 48, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3, 5, 8, 13)]
+    solo = [extract(tiny_random, x) for x in batches]
+    barrier = threading.Barrier(len(batches))
+
+    def run(i: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        barrier.wait()
+        out = []
+        for _ in range(6):
+            raw, emb = extract(tiny_random, batches[i])
+            out.append((raw.flat(), emb))
+        return out
+
+    with ThreadPoolExecutor(len(batches)) as pool:
+        results = list(pool.map(run, range(len(batches))))
+    for (raw0, emb0), runs in zip(solo, results, strict=True):
+        for flat, emb in runs:
+            assert flat.shape == raw0.flat().shape
+            torch.testing.assert_close(flat, raw0.flat(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(emb, emb0, rtol=1e-5, atol=1e-5)
