@@ -1,10 +1,17 @@
-"""Cross-request dynamic batching in front of the backbone.
+"""Cross-request dynamic batching in front of the backbone, supervised.
 
 Requests put their preprocessed pixels in a bounded queue (counted in images; full -> 429). One loop takes
-everything waiting, waits at most ``max_wait_s`` for more while the batch is below ``max_batch`` images, and
-runs ONE backbone forward in a worker thread; each request gets its slice of the raw per-head features and
-embeddings back. A failing forward fails only the requests of that batch; a request that gave up (timeout)
-before its batch started is dropped without running.
+everything waiting, waits at most ``max_wait_s`` (counted from the first queued request) for more while the batch
+is below ``max_batch`` images, and runs ONE backbone forward on the model owner (the single thread that runs every
+forward of the model); each request gets its slice of the raw per-head features and embeddings back.
+
+Failure semantics:
+
+- anything that fails while a batch is assembled, run or split (a forward error, mismatched pixels, a bug) fails
+  exactly that batch's requests (503) and the loop goes on;
+- if the loop itself dies, :attr:`Batcher.healthy` turns false (readiness answers 503 through the same predicate as
+  the routes), the waiting requests fail, and a supervisor restarts the loop after ``restart_delay_s``;
+- ``stop()`` fails every waiting and in-flight request, so no caller waits forever.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,51 +28,90 @@ import torch
 from residual.decomposition import RawFeatures
 from service.errors import BackendUnavailable, Overloaded
 from service.metrics import Metrics
+from service.pools import ModelOwner
 
 __all__ = ["Batcher"]
 
 logger = logging.getLogger(__name__)
 
 ForwardFn = Callable[[torch.Tensor], tuple[RawFeatures, torch.Tensor]]
+Result = tuple[RawFeatures, torch.Tensor]
 
 
 @dataclass(eq=False)  # identity: `item in pending` must never compare tensors
 class _Item:
     pixels: torch.Tensor  # (k, 3, S, S)
-    future: asyncio.Future[tuple[RawFeatures, torch.Tensor]]
+    future: asyncio.Future[Result]
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class Batcher:
-    def __init__(self, forward: ForwardFn, max_batch: int, max_wait_s: float, max_queue: int, enabled: bool,
-                 metrics: Metrics) -> None:
+    def __init__(self, forward: ForwardFn, owner: ModelOwner, max_batch: int, max_wait_s: float, max_queue: int,
+                 enabled: bool, metrics: Metrics, restart_delay_s: float = 1.0) -> None:
         self.forward = forward
+        self.owner = owner
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s if enabled else 0.0
         self.max_queue = max_queue
         self.enabled = enabled
         self.metrics = metrics
+        self.restart_delay_s = restart_delay_s
         self._pending: list[_Item] = []
+        self._running: list[_Item] = []
         self._queued_images = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backbone")
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
 
+    # ---- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        self._task.add_done_callback(self._on_loop_exit)
+
+    @property
+    def healthy(self) -> bool:
+        """The loop runs and the model owner takes work."""
+        return self._task is not None and not self._task.done() and self.owner.alive and not self._stopping
+
+    def _on_loop_exit(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        logger.error("the batcher loop died (%s); failing its requests and restarting in %.1fs", reason,
+                     self.restart_delay_s)
+        self._fail_all(BackendUnavailable("the batcher restarted; retry"))
+        self.metrics.batcher_restarts.inc()
+        self.restarts += 1
+        asyncio.get_running_loop().call_later(self.restart_delay_s, self._restart)
+
+    def _restart(self) -> None:
+        if not self._stopping:
+            self.start()
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for item in self._pending:
-            if not item.future.done():
-                item.future.set_exception(BackendUnavailable("the service is shutting down"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._fail_all(BackendUnavailable("the service is shutting down"))
 
-    async def submit(self, pixels: torch.Tensor) -> tuple[RawFeatures, torch.Tensor]:
+    def _fail_all(self, exc: BackendUnavailable) -> None:
+        for item in [*self._running, *self._pending]:
+            if not item.future.done():
+                item.future.set_exception(exc)
+        self._running = []
+        self._pending = []
+        self._queued_images = 0
+        self.metrics.queue_depth.set(0)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    async def submit(self, pixels: torch.Tensor) -> Result:
         """(k, 3, S, S) -> (raw features of the k images, (k, d) embeddings)."""
+        if not self.healthy:
+            raise BackendUnavailable("the batcher is not running (restarting or shutting down); retry",
+                                     headers={"Retry-After": "1"})
         k = int(pixels.shape[0])
         if self._queued_images + k > self.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
@@ -102,45 +147,57 @@ class Batcher:
         self.metrics.queue_depth.set(self._queued_images)
         return batch
 
+    async def _fill(self) -> None:
+        """Wait for more requests until the batch is full or max_wait_s has passed since the first one queued."""
+        if self.max_wait_s <= 0 or not self._pending:
+            return
+        deadline = self._pending[0].enqueued + self.max_wait_s
+        while sum(int(i.pixels.shape[0]) for i in self._pending) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_wait_s > 0:
-                deadline = self._pending[0].enqueued + self.max_wait_s if self._pending else loop.time()
-                while sum(int(i.pixels.shape[0]) for i in self._pending) < self.max_batch:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    except TimeoutError:
-                        break
+            await self._fill()
             batch = self._take()
             if not batch:
                 continue
-            pixels = torch.cat([i.pixels for i in batch])
-            self.metrics.batch_size.observe(pixels.shape[0])
-            started = time.perf_counter()
+            self._running = batch
             try:
-                raw, emb = await loop.run_in_executor(self._executor, self.forward, pixels)
-            except Exception as exc:  # noqa: BLE001 - any backbone failure fails this batch only
+                await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of this batch fails this batch only
                 self.metrics.backbone_errors.inc()
-                logger.exception("backbone forward failed for a batch of %d images", pixels.shape[0])
+                n = sum(int(i.pixels.shape[0]) for i in batch)
+                logger.exception("backbone forward failed for a batch of %d images", n)
                 if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(BackendUnavailable(f"the backbone failed on this batch: "
                                                                      f"{type(exc).__name__}; retry"))
-                continue
-            self.metrics.forward_seconds.observe(time.perf_counter() - started)
-            offset = 0
-            for item in batch:
-                k = int(item.pixels.shape[0])
-                if not item.future.done():
-                    item.future.set_result((raw.select(slice(offset, offset + k)), emb[offset : offset + k]))
-                offset += k
+            finally:
+                self._running = []
+
+    async def _run(self, batch: list[_Item]) -> None:
+        pixels = torch.cat([i.pixels for i in batch])  # k_i x (k_i, 3, S, S) -> (n, 3, S, S)
+        self.metrics.batch_size.observe(pixels.shape[0])
+        started = time.perf_counter()
+        raw, emb = await self.owner.run(self.forward, pixels)
+        self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        offset = 0
+        for item in batch:
+            k = int(item.pixels.shape[0])
+            if not item.future.done():
+                item.future.set_result((raw.select(slice(offset, offset + k)), emb[offset : offset + k]))
+            offset += k

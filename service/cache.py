@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import redis
@@ -87,6 +88,7 @@ class TextCache:
         self.lru_size = lru_size
         self.metrics = metrics
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._inflight: dict[str, Future[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def _key(self, kind: str, ident: str) -> str:
@@ -97,13 +99,36 @@ class TextCache:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def class_embeddings(self, label_set_id: str, classes: list[str], templates: list[str]) -> torch.Tensor:
-        """(C, d) unit-norm class embeddings; zero text-encoder forwards for a label set seen before."""
+        """(C, d) unit-norm class embeddings; zero text-encoder forwards for a label set seen before.
+
+        Single flight: concurrent callers for one label set share one lookup and at most one encoding. The
+        encoder itself runs on the model owner (one forward at a time), which bounds encoding concurrency.
+        """
         with self._lock:
             hit = self._lru.get(label_set_id)
             if hit is not None:
                 self._lru.move_to_end(label_set_id)
                 self.metrics.text_cache_lookups.labels(tier="memory").inc()
                 return hit
+            fut = self._inflight.get(label_set_id)
+            leader = fut is None
+            if fut is None:
+                fut = self._inflight[label_set_id] = Future()
+        if not leader:
+            self.metrics.text_encodes_shared.inc()
+            return fut.result()
+        try:
+            emb = self._lookup_or_encode(label_set_id, classes, templates)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._inflight[label_set_id]
+        fut.set_result(emb)
+        return emb
+
+    def _lookup_or_encode(self, label_set_id: str, classes: list[str], templates: list[str]) -> torch.Tensor:
         mkey = self._key("classes", label_set_id)
         blob = self.redis.call(lambda c: c.get(mkey))
         if isinstance(blob, bytes):

@@ -4,6 +4,12 @@ Layout: ``datasets/<dataset_id>/manifest.json`` (classes, counts, files) and the
 ``datasets/<dataset_id>/<class index>/<n>.<ext>``. The id is a content hash, so uploading the same data twice
 gives the same dataset (and the same feature cache). Archive entries with absolute paths, ``..``, links or
 devices are refused, and so is every image that does not decode within the limits.
+
+Archives are read member by member with :class:`ArchiveLimits` enforced *while streaming*: the member count and
+each member's declared size are checked before it is inflated, and the bytes actually inflated are counted in
+1 MiB chunks, so a bomb (a tiny zip holding a 1.5 GB member) is refused with 413 after at most one member limit of
+memory. A dataset is published by renaming a uniquely named temporary folder, so identical uploads racing in two
+pods never touch each other's files.
 """
 
 from __future__ import annotations
@@ -11,20 +17,74 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
+import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from service.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
 from service.images import decode_image
 
-__all__ = ["Dataset", "DatasetStore"]
+__all__ = ["ArchiveLimits", "Dataset", "DatasetStore"]
 
 _ID = re.compile(r"^ds-[0-9a-f]{20}$")
 _EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    total_bytes: int  # decompressed bytes of all members
+    member_bytes: int  # decompressed bytes of one member
+    members: int  # number of file members
+
+
+class _Budget:
+    """Counts members and inflated bytes of one archive; 413 as soon as a limit is passed."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.limits = limits
+        self.members = 0
+        self.total = 0
+
+    def admit(self, name: str, declared: int) -> None:
+        """Before inflating a member: its number and its declared size."""
+        self.members += 1
+        if self.members > self.limits.members:
+            raise PayloadTooLarge(f"the archive has more than {self.limits.members} members")
+        if declared > self.limits.member_bytes:
+            raise PayloadTooLarge(f"archive entry {name!r} inflates to {declared} bytes; the limit per member is "
+                                  f"{self.limits.member_bytes}")
+        if self.total + declared > self.limits.total_bytes:
+            raise PayloadTooLarge(f"the archive inflates to more than {self.limits.total_bytes} bytes")
+
+    def read(self, f: IO[bytes], name: str) -> bytes:
+        """Inflate one member in chunks, counting the bytes really produced (declared sizes can lie)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = f.read(self._CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > self.limits.member_bytes:
+                raise PayloadTooLarge(f"archive entry {name!r} inflates to more than {self.limits.member_bytes} "
+                                      "bytes (the limit per member)")
+            if self.total + size > self.limits.total_bytes:
+                raise PayloadTooLarge(f"the archive inflates to more than {self.limits.total_bytes} bytes")
+            parts.append(chunk)
+        self.total += size
+        return b"".join(parts)
+
+
+_NO_LIMITS = ArchiveLimits(1 << 62, 1 << 62, 1 << 62)
 
 
 @dataclass
@@ -42,10 +102,12 @@ class Dataset:
 
 
 class DatasetStore:
-    def __init__(self, root: Path, max_pixels: int, max_images: int) -> None:
-        self.root = root / "datasets"
+    def __init__(self, root: Path, max_pixels: int, max_images: int, limits: ArchiveLimits = _NO_LIMITS) -> None:
+        """``root``: the artifact store's datasets folder."""
+        self.root = root
         self.max_pixels = max_pixels
         self.max_images = max_images
+        self.limits = limits
 
     def _write(self, samples: list[tuple[str, bytes]]) -> Dataset:
         """samples: (class name, image bytes), already validated."""
@@ -63,8 +125,7 @@ class DatasetStore:
         folder = self.root / dataset_id
         if (folder / "manifest.json").is_file():
             return self.get(dataset_id)
-        tmp = self.root / f".{dataset_id}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.root / f".{dataset_id}.{uuid.uuid4().hex}.tmp"
         files = []
         for n, (c, blob) in enumerate(samples):
             idx = classes.index(c)
@@ -72,9 +133,9 @@ class DatasetStore:
             fmt = (getattr(im, "format", None) or "PNG").upper()
             rel = f"{idx}/{n}.{_EXT.get(fmt, 'png')}"
             (tmp / str(idx)).mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_bytes(blob)
+            _write_synced(tmp / rel, blob)
             files.append((rel, idx))
-        (tmp / "manifest.json").write_text(json.dumps({"classes": classes, "files": files}))
+        _write_synced(tmp / "manifest.json", json.dumps({"classes": classes, "files": files}).encode())
         try:
             tmp.rename(folder)  # atomic publish; a concurrent identical upload may have won
         except OSError:
@@ -90,8 +151,22 @@ class DatasetStore:
 
     def from_archive(self, data: bytes) -> Dataset:
         """A tar (optionally gzip/bz2/xz) or zip archive in ImageFolder layout: <class>/<image>."""
+        try:
+            samples, names = self._read_members(data)
+        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise InvalidRequest(f"the archive is corrupt: {exc}") from exc
+        for i, (_, blob) in enumerate(samples):
+            try:
+                decode_image(blob, self.max_pixels, i)
+            except (UnsupportedMedia, PayloadTooLarge) as exc:
+                raise InvalidRequest(f"archive entry {names[i]!r}: {exc.message}") from exc
+        return self._write(samples)
+
+    def _read_members(self, data: bytes) -> tuple[list[tuple[str, bytes]], list[str]]:
+        """(class, bytes) of every file member and its name, within the archive limits."""
         samples: list[tuple[str, bytes]] = []
         names: list[str] = []
+        budget = _Budget(self.limits)
         if zipfile.is_zipfile(io.BytesIO(data)):
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
                 for info in zf.infolist():
@@ -100,7 +175,10 @@ class DatasetStore:
                     mode = (info.external_attr >> 16) & 0o170000
                     if mode and mode != 0o100000:
                         raise InvalidRequest(f"archive entry {info.filename!r} is not a regular file")
-                    samples.append((self._class_of(info.filename), zf.read(info)))
+                    cls = self._class_of(info.filename)
+                    budget.admit(info.filename, info.file_size)
+                    with zf.open(info) as f:
+                        samples.append((cls, budget.read(f, info.filename)))
                     names.append(info.filename)
         else:
             try:
@@ -108,22 +186,18 @@ class DatasetStore:
             except tarfile.TarError as exc:
                 raise UnsupportedMedia("the upload is neither a tar nor a zip archive") from exc
             with tf:
-                for member in tf.getmembers():
+                for member in tf:  # streaming: members are read one by one, never all headers first
                     if member.isdir():
                         continue
                     if not member.isfile():
                         raise InvalidRequest(f"archive entry {member.name!r} is a link or device; only files allowed")
                     cls = self._class_of(member.name)
+                    budget.admit(member.name, member.size)
                     f = tf.extractfile(member)
                     assert f is not None
-                    samples.append((cls, f.read()))
+                    samples.append((cls, budget.read(f, member.name)))
                     names.append(member.name)
-        for i, (_, blob) in enumerate(samples):
-            try:
-                decode_image(blob, self.max_pixels, i)
-            except (UnsupportedMedia, PayloadTooLarge) as exc:
-                raise InvalidRequest(f"archive entry {names[i]!r}: {exc.message}") from exc
-        return self._write(samples)
+        return samples, names
 
     @staticmethod
     def _class_of(name: str) -> str:
@@ -146,3 +220,10 @@ class DatasetStore:
 
     def path(self, dataset_id: str) -> Path:
         return self.root / dataset_id
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())

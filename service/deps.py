@@ -5,21 +5,27 @@ from __future__ import annotations
 import hmac
 import unicodedata
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
+from residual.tiny import tasks
+from service.artifacts import ArtifactStore
 from service.batcher import Batcher
 from service.cache import RedisState, TextCache
-from service.errors import InvalidRequest, NotReady, ServiceError
+from service.datasets import ArchiveLimits, DatasetStore
+from service.errors import Forbidden, InvalidRequest, NotReady, ServiceError, ShuttingDown, Unauthorized
 from service.heads import HeadService
 from service.metrics import Metrics
 from service.model_store import DEFAULT_TEMPLATES, ModelStore
+from service.pools import ModelOwner, Pool
 from service.schemas import LabelSet
 from service.settings import Settings
 
-__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "label_set_from", "validate_label_set"]
+__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "dataset_store", "label_set_from", "validate_label_set",
+           "world_and_label_set"]
 
 
 @dataclass
@@ -30,11 +36,29 @@ class Runtime:
     metrics: Metrics
     redis: RedisState
     jobs_redis: redis.Redis
+    owner: ModelOwner  # the one thread that runs every forward of the model
+    io: Pool  # short blocking work: files, Redis, decoding, the fused matmul
+    analysis: Pool  # long head analyses (basis build, spectra), kept apart so they never starve io
+    artifacts: ArtifactStore
     store: ModelStore | None = None
     text: TextCache | None = None
     batcher: Batcher | None = None
     heads: HeadService | None = None
     load_error: str | None = None
+    draining: bool = False
+
+    def problem(self) -> ServiceError | None:
+        """Why this replica cannot serve now, or None. ``/readyz`` and every route use exactly this predicate."""
+        if self.draining:
+            return ShuttingDown("the service is shutting down; retry on another replica", headers={"Retry-After": "5"})
+        if self.store is None or self.batcher is None or self.text is None or self.heads is None:
+            return NotReady("the model is still loading" if self.load_error is None else
+                            f"the model failed to load: {self.load_error}", headers={"Retry-After": "5"})
+        if not self.batcher.healthy:
+            return NotReady("the batcher is restarting", headers={"Retry-After": "1"})
+        if not (self.owner.alive and self.io.alive and self.analysis.alive):
+            return NotReady("a worker thread pool is down", headers={"Retry-After": "5"})
+        return None
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -42,23 +66,15 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def ready_runtime(request: Request) -> Runtime:
+async def ready_runtime(request: Request) -> Runtime:
     runtime = get_runtime(request)
-    if runtime.store is None or runtime.batcher is None or runtime.text is None or runtime.heads is None:
-        raise NotReady("the model is still loading" if runtime.load_error is None else
-                       f"the model failed to load: {runtime.load_error}", headers={"Retry-After": "5"})
+    problem = runtime.problem()
+    if problem is not None:
+        raise problem
     return runtime
 
 
 RuntimeDep = Annotated[Runtime, Depends(ready_runtime)]
-
-
-class Unauthorized(ServiceError):
-    status, type = 401, "unauthorized"
-
-
-class Forbidden(ServiceError):
-    status, type = 403, "forbidden"
 
 
 def _bearer(request: Request) -> str | None:
@@ -73,7 +89,8 @@ def _matches(token: str, key: object) -> bool:
 
 
 def _check(request: Request, admin: bool) -> None:
-    """Classification routes accept the API key or the admin key; admin routes only the admin key.
+    """Read and classify routes accept the API key or the admin key; routes that enqueue work or store data
+    (``AdminKey``) only the admin key.
 
     A route whose key is not configured is open (the development default that /readyz reports).
     """
@@ -91,11 +108,11 @@ def _check(request: Request, admin: bool) -> None:
     raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def api_key(request: Request) -> None:
+async def api_key(request: Request) -> None:
     _check(request, admin=False)
 
 
-def admin_key(request: Request) -> None:
+async def admin_key(request: Request) -> None:
     _check(request, admin=True)
 
 
@@ -135,8 +152,8 @@ def validate_label_set(classes: list[str], templates: list[str] | None, s: Setti
     return classes, templates
 
 
-def label_set_from(label_set: LabelSet | None, label_set_id: str | None, rt: Runtime,
-                   default: tuple[list[str], list[str]] | None = None) -> tuple[list[str], list[str]]:
+async def label_set_from(label_set: LabelSet | None, label_set_id: str | None, rt: Runtime,
+                         default: tuple[list[str], list[str]] | None = None) -> tuple[list[str], list[str]]:
     """Classes and templates from an inline label set, a registered id, or ``default`` (422 when none)."""
     assert rt.store is not None
     if label_set is not None and label_set_id is not None:
@@ -144,7 +161,41 @@ def label_set_from(label_set: LabelSet | None, label_set_id: str | None, rt: Run
     if label_set is not None:
         return validate_label_set(label_set.classes, label_set.templates, rt.settings)
     if label_set_id is not None:
-        return rt.store.get_label_set(label_set_id)
+        return await rt.io.run(rt.store.get_label_set, label_set_id)
     if default is not None:
         return default
     raise InvalidRequest("give label_set or label_set_id (only world tasks bring their own)")
+
+
+async def world_and_label_set(dataset: object, sizes: BaseModel | None, default_sizes: type[BaseModel],
+                              label_set: LabelSet | None, label_set_id: str | None, rt: Runtime, purpose: str
+                              ) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """(world spec for 'world:<task>' datasets or None, classes, templates), validated (422).
+
+    A world task brings its own label set when none is given; a given one must have as many classes.
+    """
+    world: dict[str, Any] | None = None
+    if isinstance(dataset, str) and dataset.startswith("world:"):
+        task = dataset.split(":", 1)[1]
+        if task not in tasks.TASKS:
+            raise InvalidRequest(f"unknown world task {task!r}; choose from {sorted(tasks.TASKS)}")
+        world = {"task": task, **(sizes or default_sizes()).model_dump()}
+    elif sizes is not None:
+        raise InvalidRequest("world_sizes applies to 'world:<task>' datasets only")
+    own = None
+    if world is not None:
+        t = tasks.TASKS[world["task"]]
+        own = (list(t.classes), list(t.templates))
+    classes, templates = await label_set_from(label_set, label_set_id, rt, own)
+    if world is not None and own is not None and len(classes) != len(own[0]):
+        raise InvalidRequest(f"world task {world['task']!r} has {len(own[0])} classes; the label set has "
+                             f"{len(classes)}")
+    if len(classes) < 2:
+        raise InvalidRequest(f"{purpose} needs at least two classes")
+    return world, classes, templates
+
+
+def dataset_store(rt: Runtime) -> DatasetStore:
+    s = rt.settings
+    return DatasetStore(rt.artifacts.datasets_dir, s.max_image_pixels, s.max_dataset_images,
+                        ArchiveLimits(s.max_archive_bytes, s.max_archive_member_bytes, s.max_archive_members))

@@ -1,15 +1,22 @@
 """Error taxonomy of the service: one JSON body, ``{"error": {"type": ..., "message": ...}}``.
 
+Every HTTP error the service raises is one of these classes (routes never build error bodies themselves).
+
 Hierarchy::
 
     ServiceError (500 internal)
     ├── InvalidRequest         422 invalid_request
+    ├── Unauthorized           401 unauthorized (with WWW-Authenticate)
+    ├── Forbidden              403 forbidden
     ├── NotFound               404 not_found
+    ├── Conflict               409 conflict
     ├── PayloadTooLarge        413 payload_too_large
     ├── UnsupportedMedia       415 unsupported_media
     ├── Overloaded             429 overloaded (with Retry-After)
     ├── Timeout                504 timeout
-    └── NotReady               503 not_ready / backend_unavailable
+    ├── NotReady               503 not_ready
+    ├── BackendUnavailable     503 backend_unavailable
+    └── ShuttingDown           503 shutting_down (SIGTERM received: no new work)
 """
 
 from __future__ import annotations
@@ -40,8 +47,20 @@ class InvalidRequest(ServiceError):
     status, type = 422, "invalid_request"
 
 
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, type = 403, "forbidden"
+
+
 class NotFound(ServiceError):
     status, type = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, type = 409, "conflict"
 
 
 class PayloadTooLarge(ServiceError):
@@ -66,6 +85,10 @@ class NotReady(ServiceError):
 
 class BackendUnavailable(ServiceError):
     status, type = 503, "backend_unavailable"
+
+
+class ShuttingDown(ServiceError):
+    status, type = 503, "shutting_down"
 
 
 def error_body(type_: str, message: str) -> dict[str, dict[str, str]]:

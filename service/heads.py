@@ -3,8 +3,9 @@
 The API and the worker share this module:
 
 - :class:`HeadService` (API process) computes spectra and descriptions once per reference basis and caches them;
-  every backbone forward goes through the request batcher, so analyses never run hooks concurrently with
-  classification on the same model;
+  every backbone forward runs on the model owner (the one thread of all forwards): analyses through the request
+  batcher, and a basis build in chunks of ``chunk`` images, so classify batches interleave with it and a shutdown
+  stops it between chunks;
 - :func:`load_alignment_data` turns an alignment spec (world task, dataset id) into pixels and labels;
 - :func:`alignment_report` runs the library's :func:`residual.heads.head_alignment` and adds the request context.
 
@@ -26,13 +27,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from residual import Backbone, Basis, LinearisedLN, RawFeatures, project_units
+from residual import Backbone, Basis, LinearisedLN, RawFeatures, decompose, project_units
 from residual.dictionary import load_dictionary
 from residual.heads import DEFAULT_FRACTIONS, describe_component, describe_head, head_alignment, unit_spectra
 from residual.spectral import k_at, participation_ratio
 from residual.tiny import tasks
-from residual.tiny.reference import reference_basis, reference_images
+from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_images
+from service.artifacts import ArtifactStore
 from service.errors import InvalidRequest, NotFound
+from service.pools import ModelOwner, Pool
 
 __all__ = ["HeadService", "alignment_report", "heads_matrix", "load_alignment_data"]
 
@@ -40,7 +43,7 @@ Forward = Callable[[torch.Tensor], Awaitable[tuple[RawFeatures, torch.Tensor]]]
 AlignmentData = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]
 
 
-def load_alignment_data(spec: dict[str, Any], bb: Backbone, artifact_dir: Path) -> AlignmentData:
+def load_alignment_data(spec: dict[str, Any], bb: Backbone, datasets_dir: Path) -> AlignmentData:
     """(score pixels, score labels, eval pixels or None, eval labels or None, split description)."""
     if spec.get("world"):
         w = spec["world"]
@@ -49,7 +52,7 @@ def load_alignment_data(spec: dict[str, Any], bb: Backbone, artifact_dir: Path) 
         e_img, e_lab, _ = tasks.task_images(w["task"], "test", n=w["eval"], side=size)
         return (bb.pixels_from_arrays(s_img), torch.from_numpy(s_lab), bb.pixels_from_arrays(e_img),
                 torch.from_numpy(e_lab), "world task: scores on the val split, ablation on the test split")
-    folder = artifact_dir / "datasets" / spec["dataset_id"]
+    folder = datasets_dir / spec["dataset_id"]
     manifest = json.loads((folder / "manifest.json").read_text())
     pixels, labels = [], []
     for rel, idx in manifest["files"]:
@@ -84,12 +87,15 @@ def _dataset_name(spec: dict[str, Any]) -> str:
 class HeadService:
     """Spectra and descriptions of the serving model's heads, cached per reference basis."""
 
-    def __init__(self, bb: Backbone, ln: LinearisedLN, forward: Forward, chunk: int, sample_images: int,
-                 artifact_dir: Path, dictionary_embeddings: Callable[[list[str]], torch.Tensor],
-                 dictionary_path: Path | None = None) -> None:
+    def __init__(self, bb: Backbone, ln: LinearisedLN, forward: Forward, owner: ModelOwner, io: Pool, chunk: int,
+                 sample_images: int, artifacts: ArtifactStore,
+                 dictionary_embeddings: Callable[[list[str]], torch.Tensor], dictionary_path: Path | None = None,
+                 reference_images_n: int = REFERENCE_SIZE) -> None:
         self.bb, self.ln, self._forward, self.chunk = bb, ln, forward, chunk
+        self.owner, self.io = owner, io
         self.sample_images = sample_images
-        self.artifact_dir = artifact_dir
+        self.artifacts = artifacts
+        self.reference_images_n = reference_images_n
         self._dictionary_embeddings = dictionary_embeddings
         self._dictionary_path = dictionary_path
         self._basis: Basis | None = None
@@ -105,19 +111,30 @@ class HeadService:
         parts = []
         for i in range(0, pixels.shape[0], self.chunk):
             raw, _ = await self._forward(pixels[i : i + self.chunk])
-            parts.append(project_units(raw, self.ln).float().cpu())
+            parts.append(await self.io.run(lambda r=raw: project_units(r, self.ln).float().cpu()))
+        return torch.cat(parts)
+
+    def _owner_units(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Blocking (an io thread): (n, 3, S, S) -> (n, U, d), each chunk one job of the model owner."""
+        parts = []
+        for i in range(0, pixels.shape[0], self.chunk):
+            self.owner.check_running()
+            piece = pixels[i : i + self.chunk]
+            parts.append(self.owner.call(lambda x=piece: decompose(self.bb, x, self.ln).units))
         return torch.cat(parts)
 
     def basis(self) -> Basis:
+        """Blocking (an io thread); built once (single flight), on the model owner chunk by chunk."""
         with self._thread_lock:
             if self._basis is None:
-                self._basis = reference_basis(self.bb, cache_dir=self.artifact_dir / "bases")
+                self._basis = reference_basis(self.bb, cache_dir=self.artifacts.bases_dir, units=self._owner_units,
+                                              n=self.reference_images_n)
             return self._basis
 
     async def sample(self) -> torch.Tensor:
         if self._sample is None:
-            images = await asyncio.to_thread(reference_images, self.sample_images, self.bb.geometry.image_size)
-            pixels = await asyncio.to_thread(self.bb.pixels_from_arrays, images)
+            images = await self.io.run(reference_images, self.sample_images, self.bb.geometry.image_size)
+            pixels = await self.io.run(self.bb.pixels_from_arrays, images)
             self._sample = await self.units(pixels)
         return self._sample
 
@@ -132,9 +149,9 @@ class HeadService:
     async def spectra(self) -> dict[str, Any]:
         async with self._lock:
             if self._spectra is None:
-                basis = await asyncio.to_thread(self.basis)
+                basis = await self.io.run(self.basis)
                 sample = await self.sample()
-                rows = await asyncio.to_thread(unit_spectra, basis, sample, 32)
+                rows = await self.io.run(unit_spectra, basis, sample, 32)
                 self._spectra = {
                     "model": self.bb.name, "weights_id": self.bb.weights_id, "basis": basis.hash,
                     "basis_samples": basis.n_samples, "basis_source": basis.source,
@@ -158,8 +175,8 @@ class HeadService:
         unit = 1 + g.layers + idx
         spectra = await self.spectra()
         sample = await self.sample()
-        basis = await asyncio.to_thread(self.basis)
-        texts, dic = await asyncio.to_thread(self.dictionary)
+        basis = await self.io.run(self.basis)
+        texts, dic = await self.io.run(self.dictionary)
 
         def compute() -> dict[str, Any]:
             eig = basis.eigenvalues[unit]  # (d,)
@@ -181,7 +198,7 @@ class HeadService:
                                     "explained": [round(v, 6) for v in desc.explained]},
                     "components": comps}
 
-        return await asyncio.to_thread(compute)
+        return await self.io.run(compute)
 
     # ---- POST /heads/alignment (synchronous path) -----------------------------------------------------------------
     async def alignment(self, spec: dict[str, Any], class_emb: torch.Tensor,
@@ -190,11 +207,11 @@ class HeadService:
         if inline is not None:
             s_pix, s_lab, e_pix, e_lab, split = inline[0], inline[1], None, None, ""
         else:
-            s_pix, s_lab, e_pix, e_lab, split = await asyncio.to_thread(load_alignment_data, spec, self.bb,
-                                                                         self.artifact_dir)
+            s_pix, s_lab, e_pix, e_lab, split = await self.io.run(load_alignment_data, spec, self.bb,
+                                                                   self.artifacts.datasets_dir)
         s_units = await self.units(s_pix)
         e_units = await self.units(e_pix) if e_pix is not None else None
-        return await asyncio.to_thread(alignment_report, s_units, s_lab, e_units, e_lab, class_emb, self.bb, spec,
+        return await self.io.run(alignment_report, s_units, s_lab, e_units, e_lab, class_emb, self.bb, spec,
                                        split)
 
 

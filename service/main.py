@@ -1,8 +1,10 @@
 """The FastAPI app: ``create_app(settings)``; ``residual-serve`` runs it under uvicorn.
 
-Lifecycle: the process answers ``/livez`` at once; the model loads in a background thread and runs one
-warm-up forward (text and image); ``/readyz`` is 503 until then, 200 after. One uvicorn worker per process
-(metrics live in the process); scale with replicas.
+Lifecycle: the process answers ``/livez`` at once; the model loads on the model owner (the one thread that runs
+every forward) and runs one warm-up forward (text and image); ``/readyz`` is 503 until then, 200 after, and 503
+again while the batcher restarts or once SIGTERM arrives. On SIGTERM the replica stops admitting work (503
+``shutting_down``), lets in-flight requests finish for at most ``shutdown_timeout_s``, fails what is left, and
+exits. One uvicorn worker per process (metrics live in the process); scale with replicas.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import redis
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from residual import RawFeatures, extract
+from service import queue
+from service.artifacts import ArtifactStore
 from service.batcher import Batcher
 from service.cache import RedisState, TextCache, queue_policy_warning
 from service.deps import Runtime
@@ -28,7 +34,8 @@ from service.errors import error_body, install
 from service.heads import HeadService
 from service.metrics import JobsCollector, Metrics
 from service.model_store import ModelStore, label_set_id
-from service.routes import classify, heads, health, jobs
+from service.pools import ModelOwner, Pool
+from service.routes import classify, coefficients, datasets, heads, health, jobs
 from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 
@@ -132,13 +139,16 @@ def backbone_forward(store: ModelStore, pixels: torch.Tensor) -> tuple[RawFeatur
 
 
 def _load(rt: Runtime) -> None:
-    """Blocking: load the model, warm it up, and publish the store (readiness flips here)."""
+    """Blocking, on the model owner: load the model, warm it up, and publish the store (readiness flips later)."""
     s = rt.settings
     try:
-        store = ModelStore(s, on_coefficients_loaded=rt.metrics.coefficient_sets_loaded.inc)
+        store = ModelStore(s, rt.metrics)
         bb = store.backbone
-        text = TextCache(bb.weights_id, store.encode_prompts, rt.redis, s.text_cache_ttl_s, s.label_set_cache_size,
-                         rt.metrics)
+
+        def encode(prompts: list[str]) -> torch.Tensor:  # every text forward runs on the model owner too
+            return rt.owner.call(store.encode_prompts, prompts)
+
+        text = TextCache(bb.weights_id, encode, rt.redis, s.text_cache_ttl_s, s.label_set_cache_size, rt.metrics)
         size = bb.geometry.image_size
         extract(bb, torch.zeros(1, 3, size, size))  # warm-up forward
         store.encode_prompts(["a photo."])
@@ -163,26 +173,9 @@ def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
     def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
         return text.class_embeddings(label_set_id(weights, texts, ["{}"]), texts, ["{}"])
 
-    return HeadService(store.backbone, store.ln, batcher.submit, s.max_batch_size, s.heads_sample_images,
-                       s.artifact_dir, dictionary_embeddings, s.text_dictionary)
-
-
-def _job_counts(rt: Runtime) -> dict[str, int] | None:
-    from rq import Queue
-    from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-    from rq.serializers import JSONSerializer
-
-    from service.worker import QUEUE_NAME
-
-    try:
-        kw = {"connection": rt.jobs_redis, "serializer": JSONSerializer}
-        return {"queued": Queue(QUEUE_NAME, **kw).count,
-                "running": StartedJobRegistry(QUEUE_NAME, **kw).count,
-                "succeeded": FinishedJobRegistry(QUEUE_NAME, **kw).count,
-                "failed": FailedJobRegistry(QUEUE_NAME, **kw).count,
-                "cancelled": CanceledJobRegistry(QUEUE_NAME, **kw).count}
-    except (redis.RedisError, OSError):
-        return None
+    return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis, s.max_batch_size,
+                       s.heads_sample_images, rt.artifacts, dictionary_embeddings, s.text_dictionary,
+                       s.reference_basis_images)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -191,32 +184,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     runtime = Runtime(settings=settings, metrics=metrics,
                       redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics),
                       jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
-                                                      socket_connect_timeout=1.0))
+                                                      socket_connect_timeout=1.0),
+                      owner=ModelOwner(), io=Pool(settings.io_threads, "io"), analysis=Pool(2, "analysis"),
+                      artifacts=ArtifactStore(settings.artifact_dir))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(asyncio.to_thread(_load, runtime))
-
-        async def start_batcher() -> None:
-            await loader
-            if runtime.store is not None:
+        async def start() -> None:
+            await runtime.owner.run(_load, runtime)
+            if runtime.store is not None and not runtime.draining:
                 store = runtime.store
-                runtime.batcher = Batcher(lambda px: backbone_forward(store, px), settings.max_batch_size,
-                                          settings.max_wait_ms / 1000, settings.max_queue, settings.batching, metrics)
+                runtime.batcher = Batcher(lambda px: backbone_forward(store, px), runtime.owner,
+                                          settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
+                                          settings.batching, metrics)
                 runtime.batcher.start()
                 runtime.heads = _head_service(runtime, store)
 
-        starter = asyncio.create_task(start_batcher())
+        starter = asyncio.create_task(start())
         try:
             yield
         finally:
+            runtime.draining = True
             starter.cancel()
             if runtime.batcher is not None:
                 await runtime.batcher.stop()
+            runtime.owner.stop()
+            runtime.io.stop()
+            runtime.analysis.stop()
             runtime.redis.client.close()
             runtime.jobs_redis.close()
 
-    metrics.registry.register(JobsCollector(lambda: _job_counts(runtime)))
+    metrics.registry.register(JobsCollector(lambda: queue.counts(runtime.jobs_redis)))
 
     app = FastAPI(title="ResiDual Serve", version="0.1.0", lifespan=lifespan,
                   description="CLIP zero-shot classification aligned to your label set with ResiDual coefficient "
@@ -226,6 +224,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(jobs.router)
+    app.include_router(datasets.router)
+    app.include_router(coefficients.router)
     app.include_router(heads.router)
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
@@ -247,9 +247,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server, plus: the first SIGTERM/SIGINT marks the runtime as draining, so readiness and every
+    route answer 503 ``shutting_down`` while in-flight requests finish (at most ``shutdown_timeout_s``)."""
 
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.runtime.draining:
+            logger.info("signal %d: draining (no new work; in-flight requests get %.0fs)", sig,
+                        self.runtime.settings.shutdown_timeout_s)
+        self.runtime.draining = True
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="residual-serve", description="Run the ResiDual Serve HTTP API. "
                                 "Every RESIDUAL_* environment variable is a setting (see README).")
     p.add_argument("--host", default="127.0.0.1")
@@ -257,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    app = create_app()
+    runtime: Runtime = app.state.runtime
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
+                            timeout_graceful_shutdown=max(1, round(runtime.settings.shutdown_timeout_s)))
+    _Server(config, runtime).run()
     return 0
 
 

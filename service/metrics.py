@@ -37,6 +37,21 @@ class Metrics:
         self.redis_up = Gauge("residual_redis_up", "1 when the last Redis call succeeded", registry=r)
         self.redis_errors = Counter("residual_redis_errors_total", "failed Redis calls", registry=r)
         self.backbone_errors = Counter("residual_backbone_errors_total", "failed backbone batches", registry=r)
+        self.coefficient_cache_bytes = Gauge("residual_coefficient_cache_bytes",
+                                             "bytes of coefficient sets held in memory", registry=r)
+        self.coefficient_cache_sets = Gauge("residual_coefficient_cache_sets", "coefficient sets held in memory",
+                                            registry=r)
+        self.coefficient_cache_evictions = Counter("residual_coefficient_cache_evictions_total",
+                                                   "coefficient sets evicted from memory (LRU)", registry=r)
+        self.coefficient_cache_lookups = Counter(
+            "residual_coefficient_cache_lookups_total",
+            "coefficient-set lookups: hit, miss (this request loads it) or shared (waits on another's load)",
+            ["result"], registry=r)
+        self.batcher_restarts = Counter("residual_batcher_restarts_total",
+                                        "times the batcher loop died and was restarted", registry=r)
+        self.text_encodes_shared = Counter("residual_text_encodes_shared_total",
+                                           "label-set encodings that waited on an identical one in flight",
+                                           registry=r)
         self.rejected = Counter("residual_requests_rejected_total", "requests refused before the backbone",
                                 ["reason"], registry=r)
 

@@ -1,11 +1,8 @@
 """The serving model: backbone, LayerNorm linearisation, label sets and coefficient sets.
 
-Artifact layout under ``RESIDUAL_ARTIFACT_DIR``::
-
-    label_sets/<label_set_id>.json                  {"classes": [...], "templates": [...]}
-    coefficients/<name>/<version>.safetensors       coefficient sets (residual.CoefficientSet)
-    coefficients/<name>/ACTIVE                      the version served for plain ``name``
-    bases/*.safetensors                             extra bases (the embedded model's ships with it)
+Files live in the :class:`service.artifacts.ArtifactStore` (layout, ACTIVE, atomic writes). Loaded coefficient
+sets are kept in a byte-bounded LRU (``coefficient_cache_bytes``); concurrent first requests for one set share one
+load (single flight) and at most ``coefficient_load_concurrency`` sets load at once.
 """
 
 from __future__ import annotations
@@ -13,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -33,16 +30,16 @@ from residual import (
 )
 from residual.backbone import Backbone
 from residual.tiny.reference import shipped_basis_path
+from service.artifacts import ID_PATTERN, VERSION_PATTERN, ArtifactStore
 from service.errors import InvalidRequest, NotFound
+from service.metrics import Metrics
 from service.settings import Settings
 
-__all__ = ["DEFAULT_TEMPLATES", "ID_PATTERN", "LoadedCoefficients", "ModelStore", "label_set_id"]
+__all__ = ["DEFAULT_TEMPLATES", "ID_PATTERN", "CoefficientCache", "LoadedCoefficients", "ModelStore", "label_set_id"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}."]
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def label_set_id(weights_id: str, classes: list[str], templates: list[str]) -> str:
@@ -57,17 +54,81 @@ class LoadedCoefficients:
     coefficients: CoefficientSet
     fused: FusedAdapter
 
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.fused.weight, self.fused.e, self.fused.alpha, self.fused.beta, self.coefficients.lambdas]
+        if self.coefficients.linear_weight is not None:
+            tensors.append(self.coefficients.linear_weight)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class CoefficientCache:
+    """Byte-bounded LRU of loaded coefficient sets; single-flight, bounded-concurrency loading."""
+
+    def __init__(self, max_bytes: int, concurrency: int, metrics: Metrics) -> None:
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._entries: OrderedDict[str, LoadedCoefficients] = OrderedDict()
+        self._bytes = 0
+        self._inflight: dict[str, Future[LoadedCoefficients]] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __contains__(self, ref: str) -> bool:
+        return ref in self._entries
+
+    def get_or_load(self, ref: str, load: Callable[[], LoadedCoefficients]) -> LoadedCoefficients:
+        with self._lock:
+            hit = self._entries.get(ref)
+            if hit is not None:
+                self._entries.move_to_end(ref)
+                self.metrics.coefficient_cache_lookups.labels(result="hit").inc()
+                return hit
+            fut = self._inflight.get(ref)
+            leader = fut is None
+            if fut is None:
+                fut = self._inflight[ref] = Future()
+        if not leader:
+            self.metrics.coefficient_cache_lookups.labels(result="shared").inc()
+            return fut.result()
+        self.metrics.coefficient_cache_lookups.labels(result="miss").inc()
+        try:
+            with self._slots:
+                loaded = load()
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[ref]
+            fut.set_exception(exc)
+            raise
+        with self._lock:
+            self._entries[ref] = loaded
+            self._bytes += loaded.nbytes
+            while self._bytes > self.max_bytes and len(self._entries) > 1:  # the newest set always stays
+                _, old = self._entries.popitem(last=False)
+                self._bytes -= old.nbytes
+                self.metrics.coefficient_cache_evictions.inc()
+            del self._inflight[ref]
+            self.metrics.coefficient_cache_bytes.set(self._bytes)
+            self.metrics.coefficient_cache_sets.set(len(self._entries))
+        fut.set_result(loaded)
+        return loaded
+
 
 class ModelStore:
-    def __init__(self, settings: Settings, on_coefficients_loaded: Callable[[], None] | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
-        self._on_loaded = on_coefficients_loaded
+        self.metrics = metrics
         device = None if settings.device == "auto" else settings.device
         self.backbone: Backbone = load_backbone(settings.model_name, settings.model_weights, device=device,
                                                 precision=settings.precision)
         self.ln = LinearisedLN(self.backbone)
-        self.artifacts = Path(settings.artifact_dir)
-        self._coefficients: dict[str, LoadedCoefficients] = {}
+        self.artifacts = ArtifactStore(settings.artifact_dir)
+        self.coefficients = CoefficientCache(settings.coefficient_cache_bytes, settings.coefficient_load_concurrency,
+                                             metrics)
         self._bases: dict[str, Basis] | None = None
         self._lock = threading.Lock()
         self.text_forwards = 0
@@ -84,29 +145,18 @@ class ModelStore:
     # ---- label sets ---------------------------------------------------------------------------------------------
     def register_label_set(self, classes: list[str], templates: list[str]) -> str:
         ident = label_set_id(self.backbone.weights_id, classes, templates)
-        path = self.artifacts / "label_sets" / f"{ident}.json"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"classes": classes, "templates": templates}))
-            tmp.replace(path)
+        self.artifacts.write_label_set(ident, classes, templates)
         return ident
 
     def get_label_set(self, ident: str) -> tuple[list[str], list[str]]:
-        if not re.fullmatch(r"ls-[0-9a-f]{20}", ident):
-            raise InvalidRequest(f"label_set_id {ident!r} is not a label-set id (ls- followed by 20 hex digits)")
-        path = self.artifacts / "label_sets" / f"{ident}.json"
-        if not path.is_file():
-            raise NotFound(f"unknown label set {ident}")
-        data = json.loads(path.read_text())
-        return list(data["classes"]), list(data["templates"])
+        return self.artifacts.read_label_set(ident)
 
     # ---- coefficient sets ---------------------------------------------------------------------------------------
     def _load_bases(self, refresh: bool = False) -> dict[str, Basis]:
         with self._lock:
             if self._bases is None or refresh:
                 bases: dict[str, Basis] = {}
-                paths = list((self.artifacts / "bases").glob("*.safetensors"))
+                paths = list(self.artifacts.bases_dir.glob("*.safetensors"))
                 if self.backbone.name == "residual-tiny" and shipped_basis_path().is_file():
                     paths.append(shipped_basis_path())
                 for p in paths:
@@ -133,23 +183,22 @@ class ModelStore:
         return next(iter(self._load_bases().values()), None)
 
     def resolve_coefficients(self, ref: str) -> LoadedCoefficients:
-        """``name`` (its active version) or ``name@version`` -> loaded, validated and fused."""
+        """``name`` (its active version) or ``name@version`` -> loaded, validated and fused (blocking: file I/O)."""
         name, _, version = ref.partition("@")
-        if not ID_PATTERN.fullmatch(name) or (version and not _VERSION.fullmatch(version)):
+        if not ID_PATTERN.fullmatch(name) or (version and not VERSION_PATTERN.fullmatch(version)):
             raise InvalidRequest(f"coefficients {ref!r} must be NAME or NAME@VERSION "
                                  "(NAME: lowercase letters, digits, '-' and '_', at most 64)")
-        folder = self.artifacts / "coefficients" / name
         if not version:
-            active = folder / "ACTIVE"
-            if not active.is_file():
+            active = self.artifacts.active(name)
+            if active is None:
                 raise NotFound(f"unknown coefficient set {name!r}")
-            version = active.read_text().strip()
+            version = active
         full_ref = f"{name}@{version}"
-        with self._lock:
-            hit = self._coefficients.get(full_ref)
-        if hit is not None:
-            return hit
-        path = folder / f"{version}.safetensors"
+        return self.coefficients.get_or_load(full_ref, lambda: self._load(name, version))
+
+    def _load(self, name: str, version: str) -> LoadedCoefficients:
+        full_ref = f"{name}@{version}"
+        path = self.artifacts.coefficient_path(name, version)
         if not path.is_file():
             raise NotFound(f"unknown coefficient set version {full_ref!r}")
         cs = CoefficientSet.load(path)
@@ -159,10 +208,6 @@ class ModelStore:
         if basis is None:
             raise NotFound("no basis of the serving model is available")
         fused = fuse(resolve(cs, basis), self.ln)
-        loaded = LoadedCoefficients(full_ref, cs, fused)
-        with self._lock:
-            self._coefficients[full_ref] = loaded
-        if self._on_loaded is not None:
-            self._on_loaded()
+        self.metrics.coefficient_sets_loaded.inc()
         logger.info("loaded coefficient set %s (%s, %d parameters)", full_ref, cs.variant, cs.n_parameters)
-        return loaded
+        return LoadedCoefficients(full_ref, cs, fused)

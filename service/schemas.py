@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ClassifyRequest", "ClassifyResponse", "ImageResult", "LabelSet", "LabelSetCreated", "LabelSetOut",
-           "Prediction", "Ready"]
+__all__ = ["Alive", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary", "CoefficientSets",
+           "CoefficientVersion", "CoefficientVersions", "DatasetInfo", "HeadJobAccepted", "ImageResult",
+           "InlineDataset", "JobAccepted", "JobInfo", "JobList", "LabelSet", "LabelSetCreated", "LabelSetOut",
+           "Prediction", "Ready", "Report"]
 
 _PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 
@@ -84,3 +88,95 @@ class Ready(BaseModel):
     queue_maxmemory_policy: str | None = Field(
         None, description="maxmemory-policy of the job-queue Redis ('unknown' when CONFIG is not allowed)")
     warnings: list[str] = Field(default_factory=list, description="configuration problems worth fixing")
+
+
+# ---- jobs, datasets, coefficient sets ----------------------------------------------------------------------------
+
+
+class InlineDataset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[str] = Field(..., description="base64 images or data URIs")
+    labels: list[str] = Field(..., description="class name of each image")
+
+
+class JobAccepted(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"job_id": "0f8e2a8c-4d7e-4b53-9d2a-3c5b0b8e9a11", "status_url": "/fit-alignment/0f8e2a8c-..."}]})
+    job_id: str
+    status_url: str
+
+
+class HeadJobAccepted(JobAccepted):
+    images: int = Field(..., description="images the job will analyse")
+    reason: str = Field(..., description="why the request became a job")
+
+
+class JobInfo(BaseModel):
+    """A job's status; a succeeded job also carries its result (fits: ``coefficients``, ``activated`` and
+    ``report``; head alignments: the whole alignment report)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "job_id": "0f8e2a8c-4d7e-4b53-9d2a-3c5b0b8e9a11", "kind": "fit-alignment", "name": "position",
+        "status": "running", "progress": {"phase": "fitting", "fraction": 0.4, "epoch": 12, "val_accuracy": 0.91},
+        "enqueued_at": "2026-11-29T10:00:00", "ended_at": None}]})
+
+    job_id: str
+    kind: str = Field(..., description="'fit-alignment' or 'head-alignment'")
+    name: str | None
+    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
+    progress: dict[str, Any] = Field(default_factory=dict, description="phase, fraction, epoch, val_accuracy...")
+    enqueued_at: str | None
+    ended_at: str | None
+    error: str | None = Field(None, description="last line of the failure, when failed")
+
+
+class JobList(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    jobs: list[JobInfo]
+
+
+class DatasetInfo(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"dataset_id": "ds-0123456789abcdef0123", "classes": ["cat", "dog"], "counts": {"cat": 10, "dog": 12}}]})
+    dataset_id: str
+    classes: list[str]
+    counts: dict[str, int]
+
+
+class CoefficientVersion(BaseModel):
+    version: str
+    active: bool
+    variant: str | None = None
+    created_at: str | None = None
+    n_parameters: int | None = None
+    label_set: dict[str, Any] | None = None
+    report: dict[str, Any] = Field(default_factory=dict, description="the fit report (without the epoch history)")
+    error: str | None = Field(None, description="set when the file cannot be read; such a version cannot be served")
+
+
+class CoefficientVersions(BaseModel):
+    name: str
+    active: str | None
+    versions: list[CoefficientVersion]
+
+
+class CoefficientSetSummary(BaseModel):
+    name: str
+    active: str | None
+    versions: list[str]
+
+
+class CoefficientSets(BaseModel):
+    coefficient_sets: list[CoefficientSetSummary]
+
+
+class Alive(BaseModel):
+    status: str = Field(..., description="always 'alive'")
+
+
+class Report(BaseModel):
+    """A computed report (head spectra, head details, alignments); its fields are documented on each route."""
+
+    model_config = ConfigDict(extra="allow")

@@ -6,16 +6,21 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["PLACEHOLDER_MARKERS", "Settings", "get_settings"]
+
+MIN_KEY_CHARS = 16
+PLACEHOLDER_MARKERS = ("change-me", "changeme", "change_me", "changethis", "placeholder", "example", "replace-me",
+                       "your-key", "secret", "password")
+"""Substrings (case-insensitive) that mark a key as a placeholder copied from docs or manifests."""
 
 
 class Settings(BaseSettings):
     """Every knob of the service; each field documents itself in ``/docs`` and in the README."""
 
-    model_config = SettingsConfigDict(env_prefix="RESIDUAL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RESIDUAL_", extra="ignore", hide_input_in_errors=True)
 
     model_name: str = Field("residual-tiny", description="open_clip architecture or embedded model name")
     model_weights: str | None = Field(
@@ -57,10 +62,44 @@ class Settings(BaseSettings):
     text_dictionary: Path | None = Field(
         None, description="text dictionary for head descriptions, one per line (default: the shipped one)")
 
+    reference_basis_images: PositiveInt = Field(
+        10_000, description="world images behind the reference basis built for weights that ship without one")
+
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker Prometheus port (0: none)")
 
-    api_key: SecretStr | None = Field(None, description="Bearer key for /classify and read routes (None: open)")
-    admin_api_key: SecretStr | None = Field(None, description="Bearer key for admin routes (None: open)")
+    io_threads: PositiveInt = Field(8, description="threads for blocking file, Redis and decoding work per API process")
+    coefficient_cache_bytes: PositiveInt = Field(
+        512 * 1024 * 1024, description="bytes of loaded coefficient sets kept in memory (LRU; ~39 MB a set at "
+                                       "ViT-B/16)")
+    coefficient_load_concurrency: PositiveInt = Field(2, description="coefficient sets loaded at once")
+    shutdown_timeout_s: PositiveFloat = Field(
+        20.0, description="after SIGTERM: how long in-flight requests may finish before they are failed")
+    max_archive_bytes: PositiveInt = Field(
+        512 * 1024 * 1024, description="decompressed bytes of all members of an uploaded dataset archive (413)")
+    max_archive_member_bytes: PositiveInt = Field(
+        16 * 1024 * 1024, description="decompressed bytes of one archive member (413)")
+    max_archive_members: PositiveInt = Field(60_000, description="members of an uploaded dataset archive (413)")
+
+    api_key: SecretStr | None = Field(
+        None, description=f"Bearer key for /classify and read routes (None: open; at least {MIN_KEY_CHARS} "
+                          "characters, no placeholder)")
+    admin_api_key: SecretStr | None = Field(
+        None, description="Bearer key for routes that enqueue work or store data (None: open)")
+
+    @field_validator("api_key", "admin_api_key")
+    @classmethod
+    def _real_key(cls, v: SecretStr | None) -> SecretStr | None:
+        """Refuse to start with a placeholder key or a short one (never echoes the key)."""
+        if v is None:
+            return v
+        key = v.get_secret_value()
+        if len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"API keys must have at least {MIN_KEY_CHARS} characters (this one has {len(key)}); "
+                             "generate one with `openssl rand -hex 32`")
+        if any(m in key.lower() for m in PLACEHOLDER_MARKERS):
+            raise ValueError("the API key is a placeholder (it contains a word like 'change-me' or 'secret'); "
+                             "generate one with `openssl rand -hex 32`")
+        return v
 
 
     @property

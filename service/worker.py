@@ -2,7 +2,9 @@
 
 Pipeline of one job (``run_fit``): decode the dataset, extract raw per-head features once per (dataset, model
 weights) and cache them in the artifact store, fit with the library, write the coefficient set atomically
-(temporary file, then rename) under ``coefficients/<name>/<version>.safetensors`` and make it the active version.
+(uuid temporary file, fsync, rename) under ``coefficients/<name>/<version>.safetensors`` and, when the job asks for
+it, make it the active version, but only if the name's active version is still the one recorded when the job was
+submitted (compare and set under the name's lock: a rollback made during the fit wins).
 Progress goes to the job's meta (phase, fraction, epoch, validation accuracy); ``DELETE /fit-alignment/{id}``
 sets a cancel flag that the fit polls between batches.
 """
@@ -12,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -43,6 +43,7 @@ from residual.decomposition import project_units
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
 from residual.tiny.reference import reference_basis
+from service.artifacts import ANY, ArtifactStore
 from service.cache import queue_policy_warning
 from service.heads import alignment_report, load_alignment_data
 from service.settings import Settings, get_settings
@@ -84,13 +85,13 @@ def _progress(**fields: Any) -> None:
 
 def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tuple[RawFeatures, torch.Tensor]]:
     """Raw features and labels per split ("train", and "val"/"test" for world tasks); cached on disk."""
-    root = Path(s.artifact_dir)
+    artifacts = ArtifactStore(s.artifact_dir)
     if spec.get("world"):
         w = spec["world"]
         key = f"world-{w['task']}-{w['train']}-{w['val']}-{w['test']}"
     else:
         key = spec["dataset_id"]
-    cache = root / "features" / f"{key}-{bb.weights_id.replace(':', '_')}.safetensors"
+    cache = artifacts.features_path(key, bb.weights_id)
     if cache.is_file():
         tensors, meta = load_tensors(cache)
         _progress(phase="extracting features", fraction=1.0, feature_cache="hit")
@@ -107,7 +108,7 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
             images, labels, _ = tasks.task_images(w["task"], split, n=w[split], side=bb.geometry.image_size)
             splits[split] = (bb.pixels_from_arrays(images), torch.from_numpy(labels))
     else:
-        folder = root / "datasets" / spec["dataset_id"]
+        folder = artifacts.datasets_dir / spec["dataset_id"]
         manifest = json.loads((folder / "manifest.json").read_text())
         pixels, labels = [], []
         for n, (rel, idx) in enumerate(manifest["files"]):
@@ -164,12 +165,14 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     data = _features(bb, s, spec)
     extract_s = time.perf_counter() - started
     classes, templates = spec["classes"], spec["templates"]
+    artifacts = ArtifactStore(s.artifact_dir)
     if spec["basis"] == "fit-on-train":
         _progress(phase="fitting basis")
         basis = _basis_on(bb, data["train"][0], ln)
-        basis.save(Path(s.artifact_dir) / "bases" / f"{basis.hash.replace(':', '_')}.safetensors")
+        basis.save(artifacts.bases_dir / f"{basis.hash.replace(':', '_')}.safetensors")
     else:
-        basis = reference_basis(bb, cache_dir=Path(s.artifact_dir) / "bases")
+        _progress(phase="reference basis")
+        basis = reference_basis(bb, cache_dir=artifacts.bases_dir, n=s.reference_basis_images)
     cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates, device=bb.device)
     h = spec.get("hyper", {})
     cfg = FitConfig(variant=spec["variant"], lr=h.get("lr"), batch_size=h.get("batch_size", 64),
@@ -201,14 +204,13 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     if cs.linear_weight is not None:
         tensors |= {"w": cs.linear_weight}
     version = "v-" + tensors_hash(tensors).split(":")[1][:12]
-    folder = Path(s.artifact_dir) / "coefficients" / spec["name"]
-    path = folder / f"{version}.safetensors"
+    path = artifacts.coefficient_path(spec["name"], version)
     if not path.exists():
-        cs.save(path)  # atomic: temporary file + rename
-    _activate(folder, version)
+        cs.save(path)  # atomic: uuid temporary file, fsync, rename
+    activated, why = _activate(artifacts, spec, version)
     _progress(phase="done", fraction=1.0)
     report = {k: v for k, v in cs.report.items() if k != "history"}
-    return {"coefficients": f"{spec['name']}@{version}", "report": report}
+    return {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why, "report": report}
 
 
 def run_head_alignment(spec: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +221,7 @@ def run_head_alignment(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for {spec['weights_id']}")
     ln = LinearisedLN(bb)
     _progress(phase="decoding", fraction=0.0)
-    s_pix, s_lab, e_pix, e_lab, split = load_alignment_data(spec, bb, Path(s.artifact_dir))
+    s_pix, s_lab, e_pix, e_lab, split = load_alignment_data(spec, bb, ArtifactStore(s.artifact_dir).datasets_dir)
     total = s_pix.shape[0] + (e_pix.shape[0] if e_pix is not None else 0)
     done = 0
 
@@ -249,10 +251,18 @@ def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN) -> Basis:
     return basis_from_units(bb, batches, source={"kind": "fit-on-train", "n": len(raw)})
 
 
-def _activate(folder: Path, version: str) -> None:
-    tmp = folder / f".ACTIVE.{os.getpid()}.tmp"
-    tmp.write_text(version)
-    tmp.replace(folder / "ACTIVE")
+def _activate(artifacts: ArtifactStore, spec: dict[str, Any], version: str) -> tuple[bool, str]:
+    """Activate the fitted version if the job asks for it and nobody changed ACTIVE since submission."""
+    name = spec["name"]
+    if not spec.get("activate", True):
+        return False, "not requested (activate: false)"
+    expected = spec.get("expected_active", ANY)  # jobs queued before this field existed: unconditional
+    if artifacts.activate(name, version, expected=expected):
+        return True, "activated"
+    now = artifacts.active(name)
+    logger.info("fit of %s: %s not activated; the active version changed from %s to %s during the job", name,
+                version, expected, now)
+    return False, f"the active version changed during the job (from {expected} to {now}); activate it explicitly"
 
 
 class HeartbeatWorker(SimpleWorker):

@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from PIL import Image
 from pydantic import ValidationError
 
-from residual import apply_fused, zero_shot_logits
+from residual import RawFeatures, apply_fused, zero_shot_logits
 from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, validate_label_set
 from service.errors import InvalidRequest, Timeout, UnsupportedMedia
 from service.images import decode_base64, decode_image
+from service.model_store import label_set_id
 from service.schemas import ClassifyRequest, ClassifyResponse, ImageResult, LabelSet, LabelSetCreated, LabelSetOut
 
 router = APIRouter(tags=["classify"])
@@ -58,8 +59,14 @@ async def _parse(request: Request, rt: Runtime) -> tuple[ClassifyRequest, list[b
         return body, blobs
     if not ctype.startswith("application/json"):
         raise UnsupportedMedia("send application/json (base64 images) or multipart/form-data (image files)")
+    raw = await request.body()
+    return await rt.io.run(_parse_json, raw)
+
+
+def _parse_json(raw: bytes) -> tuple[ClassifyRequest, list[bytes]]:
+    """Blocking (io pool): JSON, validation and base64 of up to max_images images."""
     try:
-        payload = json.loads(await request.body())
+        payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
     try:
@@ -112,25 +119,29 @@ async def classify(request: Request, rt: RuntimeDep) -> ClassifyResponse:
         raise InvalidRequest(f"{len(blobs)} images; the limit per request is {s.max_images}")
     if body.label_set is not None and body.label_set_id is not None:
         raise InvalidRequest("give label_set or label_set_id, not both")
-    loaded = await asyncio.to_thread(store.resolve_coefficients, body.coefficients) if body.coefficients else None
+    loaded = await rt.io.run(store.resolve_coefficients, body.coefficients) if body.coefficients else None
     if body.label_set is not None:
         classes, templates = validate_label_set(body.label_set.classes, body.label_set.templates, s)
     elif body.label_set_id is not None:
-        classes, templates = store.get_label_set(body.label_set_id)
+        classes, templates = await rt.io.run(store.get_label_set, body.label_set_id)
     elif loaded is not None:
         classes, templates = loaded.coefficients.classes, loaded.coefficients.templates
     else:
         raise InvalidRequest("give label_set, label_set_id, or coefficients (whose label set is then used)")
-    ls_id = store.register_label_set(classes, templates) if body.label_set is not None else (
-        body.label_set_id or store.register_label_set(classes, templates))
+    # the content hash; classify stores nothing (registering a label set for later use by id is POST /label-sets)
+    ls_id = body.label_set_id or label_set_id(store.backbone.weights_id, classes, templates)
 
-    async def run() -> torch.Tensor:
-        pixels = await asyncio.to_thread(_decode_all, blobs, rt)
-        class_emb_task = asyncio.to_thread(text.class_embeddings, ls_id, classes, templates)
-        (raw, emb), class_emb = await asyncio.gather(batcher.submit(pixels), class_emb_task)
+    def scores(raw: RawFeatures, emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+        """Blocking (io pool): the fused coefficient set (one matmul), cosine logits, softmax."""
         y = apply_fused(raw, loaded.fused, store.ln) if loaded is not None else emb
         logits = zero_shot_logits(y, class_emb.to(y.device), store.backbone.logit_scale.to(y.device))
         return logits.float().softmax(-1).cpu()
+
+    async def run() -> torch.Tensor:
+        pixels = await rt.io.run(_decode_all, blobs, rt)
+        class_emb_task = rt.io.run(text.class_embeddings, ls_id, classes, templates)
+        (raw, emb), class_emb = await asyncio.gather(batcher.submit(pixels), class_emb_task)
+        return await rt.io.run(scores, raw, emb, class_emb)
 
     try:
         probs = await asyncio.wait_for(run(), s.request_timeout_s)
@@ -153,12 +164,12 @@ async def create_label_set(label_set: LabelSet, rt: RuntimeDep) -> LabelSetCreat
     """The id is a content hash of the model weights id, the classes and the templates (idempotent)."""
     assert rt.store is not None
     classes, templates = validate_label_set(label_set.classes, label_set.templates, rt.settings)
-    return LabelSetCreated(label_set_id=rt.store.register_label_set(classes, templates))
+    return LabelSetCreated(label_set_id=await rt.io.run(rt.store.register_label_set, classes, templates))
 
 
 @router.get("/label-sets/{label_set_id}", response_model=LabelSetOut, dependencies=[ApiKey],
             responses={404: {"description": "unknown label set"}}, summary="Read a registered label set")
 async def get_label_set(label_set_id: str, rt: RuntimeDep) -> LabelSetOut:
     assert rt.store is not None
-    classes, templates = rt.store.get_label_set(label_set_id)
+    classes, templates = await rt.io.run(rt.store.get_label_set, label_set_id)
     return LabelSetOut(label_set_id=label_set_id, classes=classes, templates=templates)

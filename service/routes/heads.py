@@ -4,15 +4,16 @@
   ratio, TwoNN intrinsic dimension; computed once per reference basis and cached;
 - ``GET /heads/{layer}/{head}``: that head's full spectrum and text descriptions of the head and of its top
   principal components (SOMP over the shipped text dictionary, or TextSpan);
-- ``POST /heads/alignment``: per-head supervised and U|T scores for a label set on images, with the top-k head
-  ablation curve; over ``heads_sync_max_images`` images it becomes a job (202 + status URL);
+- ``POST /heads/alignment`` (admin key: it may enqueue a job and store a dataset): per-head supervised and U|T
+  scores for a label set on images, with the top-k head ablation curve; over ``heads_sync_max_images`` images it
+  becomes a job (202 + status URL), read with ``GET /heads/alignment/{job_id}`` (admin key, head-alignment jobs
+  only);
 - pictures: ``GET /heads/spectrum.png``, ``GET /heads/{layer}/{head}/spectrum.png``, ``POST /heads/alignment.png``,
   ``GET /heads/alignment/{job_id}.png``.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Literal
 
 import torch
@@ -21,14 +22,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from residual.plots import ablation_png, evr_curves_png, head_heatmap_png
-from service.datasets import DatasetStore
-from service.deps import ApiKey, Runtime, RuntimeDep
-from service.errors import InvalidRequest
+from service import queue
+from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, dataset_store, world_and_label_set
+from service.errors import Conflict, InvalidRequest
 from service.heads import heads_matrix
 from service.images import decode_base64, decode_image
 from service.model_store import label_set_id
-from service.routes.jobs import InlineDataset, _describe, _fetch, _queue, _redis_call, world_and_label_set
-from service.schemas import LabelSet
+from service.schemas import HeadJobAccepted, InlineDataset, JobInfo, LabelSet, Report
 
 router = APIRouter(tags=["heads"])
 
@@ -68,7 +68,8 @@ class AlignmentRequest(BaseModel):
 # ---- spectra ------------------------------------------------------------------------------------------------------
 
 
-@router.get("/heads", dependencies=[ApiKey], summary="Spectra and intrinsic dimension of every unit")
+@router.get("/heads", response_model=Report, dependencies=[ApiKey],
+            summary="Spectra and intrinsic dimension of every unit")
 async def list_heads(rt: RuntimeDep) -> dict[str, Any]:
     """One row per unit in paper order (emb, MLP of each layer, then each head by layer and head).
 
@@ -90,7 +91,7 @@ async def spectrum_png(rt: RuntimeDep, value: Literal["k_90", "k_99", "participa
     g = spectra["geometry"]
     matrix = heads_matrix(spectra, value, g["layers"], g["heads"])
     fmt = "{:.0f}" if value.startswith("k_") else "{:.2f}"
-    png = await asyncio.to_thread(head_heatmap_png, matrix, f"{spectra['model']}: {value} per head", value, (), fmt)
+    png = await rt.analysis.run(head_heatmap_png, matrix, f"{spectra['model']}: {value} per head", value, (), fmt)
     return Response(png, media_type="image/png")
 
 
@@ -104,8 +105,8 @@ async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, An
     spec: dict[str, Any] = {"weights_id": rt.store.backbone.weights_id,
                             "params": {"fractions": body.fractions, "seeds": body.seeds, "ablation": body.ablation,
                                        "top": body.top}}
-    world, classes, templates = world_and_label_set(body.dataset, body.world_sizes, AlignmentSizes, body.label_set,
-                                                    body.label_set_id, rt, "head alignment")
+    world, classes, templates = await world_and_label_set(body.dataset, body.world_sizes, AlignmentSizes,
+                                                          body.label_set, body.label_set_id, rt, "head alignment")
     world_task = world["task"] if world else None
     if world:
         spec["world"] = world
@@ -124,28 +125,23 @@ async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, An
         unknown = sorted(set(body.dataset.labels) - set(classes))
         if unknown:
             raise InvalidRequest(f"labels that are not classes of the label set: {unknown}")
-        blobs = [decode_base64(b, i) for i, b in enumerate(body.dataset.images)]
-        labels = [classes.index(lab) for lab in body.dataset.labels]
+        inline_ds = body.dataset
+        blobs = await rt.io.run(lambda: [decode_base64(b, i) for i, b in enumerate(inline_ds.images)])
+        labels = [classes.index(lab) for lab in inline_ds.labels]
         if n > s.heads_sync_max_images:  # the worker reads it from the dataset store
-            ds = await asyncio.to_thread(_datasets(rt).from_inline, blobs, list(body.dataset.labels))
+            ds = await rt.io.run(dataset_store(rt).from_inline, blobs, list(inline_ds.labels))
             spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
         else:
-            pixels = await asyncio.to_thread(_decode, blobs, rt)
+            pixels = await rt.io.run(_decode, blobs, rt)
             inline = (pixels, torch.tensor(labels))
     else:
-        ds = _datasets(rt).get(body.dataset)
+        ds = await rt.io.run(dataset_store(rt).get, body.dataset)
         unknown = sorted(set(ds.classes) - set(classes))
         if unknown:
             raise InvalidRequest(f"classes in the data that are not in the label set: {unknown}")
         spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
         n = len(ds.files)
     return spec, inline, n
-
-
-def _datasets(rt: Runtime) -> DatasetStore:
-    from pathlib import Path
-
-    return DatasetStore(Path(rt.settings.artifact_dir), rt.settings.max_image_pixels, rt.settings.max_dataset_images)
 
 
 def _decode(blobs: list[bytes], rt: Runtime) -> torch.Tensor:
@@ -156,23 +152,20 @@ def _decode(blobs: list[bytes], rt: Runtime) -> torch.Tensor:
 
 async def _class_embeddings(rt: Runtime, spec: dict[str, Any]) -> torch.Tensor:
     assert rt.text is not None
-    return await asyncio.to_thread(rt.text.class_embeddings, spec["label_set_id"], spec["classes"], spec["templates"])
+    return await rt.io.run(rt.text.class_embeddings, spec["label_set_id"], spec["classes"], spec["templates"])
 
 
 async def _run_or_enqueue(body: AlignmentRequest, rt: Runtime) -> tuple[dict[str, Any] | None, JSONResponse | None]:
     assert rt.heads is not None
     spec, inline, n = await _prepare(body, rt)
     if n > rt.settings.heads_sync_max_images:
-        job = _redis_call(lambda: _queue(rt).enqueue(
-            "service.worker.run_head_alignment", spec, job_timeout=rt.settings.job_timeout_s,
-            result_ttl=rt.settings.job_result_ttl_s, failure_ttl=rt.settings.job_result_ttl_s,
-            meta={"name": f"heads:{spec.get('dataset_id') or body.dataset}", "kind": "head-alignment",
-                  "progress": {"phase": "queued"}}))
+        s = rt.settings
+        job = await rt.io.run(queue.enqueue, rt.jobs_redis, queue.HEADS, spec,
+                              f"heads:{spec.get('dataset_id') or body.dataset}", s.job_timeout_s, s.job_result_ttl_s)
         url = f"/heads/alignment/{job.id}"
-        return None, JSONResponse({"job_id": job.id, "status_url": url, "images": n,
-                                   "reason": f"{n} images exceed heads_sync_max_images "
-                                             f"({rt.settings.heads_sync_max_images})"},
-                                  status_code=202, headers={"Location": url})
+        accepted = HeadJobAccepted(job_id=job.id, status_url=url, images=n,
+                                   reason=f"{n} images exceed heads_sync_max_images ({s.heads_sync_max_images})")
+        return None, JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
     class_emb = await _class_embeddings(rt, spec)
     return await rt.heads.alignment(spec, class_emb, inline), None
 
@@ -184,7 +177,7 @@ _ALIGN_ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "not ready, or the job queue is unavailable"}}
 
 
-@router.post("/heads/alignment", dependencies=[ApiKey], responses=_ALIGN_ERRORS,
+@router.post("/heads/alignment", response_model=Report, dependencies=[AdminKey], responses=_ALIGN_ERRORS,
              summary="Per-head alignment with a label set, and the top-k head ablation curve")
 async def alignment(body: AlignmentRequest, rt: RuntimeDep) -> Any:
     """For every head: ``supervised`` (zero-shot accuracy of the head's contribution alone) and
@@ -208,7 +201,7 @@ def _alignment_picture(report: dict[str, Any], score: str, picture: str, layers:
                             marked)
 
 
-@router.post("/heads/alignment.png", dependencies=[ApiKey], responses={**_PNG, **_ALIGN_ERRORS},
+@router.post("/heads/alignment.png", dependencies=[AdminKey], responses={**_PNG, **_ALIGN_ERRORS},
              response_class=Response, summary="Alignment as a picture: score heatmap or ablation curve")
 async def alignment_png(body: AlignmentRequest, rt: RuntimeDep,
                         score: Literal["text_correlation", "supervised"] = Query("text_correlation"),
@@ -221,41 +214,41 @@ async def alignment_png(body: AlignmentRequest, rt: RuntimeDep,
     assert report is not None
     g = rt.store.backbone.geometry if rt.store else None
     assert g is not None
-    png = await asyncio.to_thread(_alignment_picture, report, score, picture, g.layers, g.heads)
+    png = await rt.analysis.run(_alignment_picture, report, score, picture, g.layers, g.heads)
     return Response(png, media_type="image/png")
 
 
 def _job_report(rt: Runtime, job_id: str) -> dict[str, Any]:
-    return _redis_call(lambda: _describe(_fetch(rt, job_id)))
+    return queue.redis_call(lambda: queue.describe(queue.fetch(rt.jobs_redis, job_id, queue.HEADS)))
 
 
-@router.get("/heads/alignment/{job_id}.png", dependencies=[ApiKey], response_class=Response,
+@router.get("/heads/alignment/{job_id}.png", dependencies=[AdminKey], response_class=Response,
             responses={**_PNG, 404: {"description": "unknown job"}, 409: {"description": "job not finished"}},
             summary="Picture of a finished alignment job")
 async def alignment_job_png(job_id: str, rt: RuntimeDep,
                             score: Literal["text_correlation", "supervised"] = Query("text_correlation"),
                             picture: Literal["heatmap", "ablation"] = Query("heatmap")) -> Response:
-    info = _job_report(rt, job_id)
+    info = await rt.io.run(_job_report, rt, job_id)
     if info["status"] != "succeeded" or "heads" not in info:
-        return JSONResponse({"error": {"type": "conflict", "message": f"job {job_id} is {info['status']}, "
-                                       "not a finished head alignment"}}, status_code=409)
+        raise Conflict(f"job {job_id} is {info['status']}, not a finished head alignment")
     assert rt.store is not None
     g = rt.store.backbone.geometry
-    png = await asyncio.to_thread(_alignment_picture, info, score, picture, g.layers, g.heads)
+    png = await rt.analysis.run(_alignment_picture, info, score, picture, g.layers, g.heads)
     return Response(png, media_type="image/png")
 
 
-@router.get("/heads/alignment/{job_id}", dependencies=[ApiKey], responses={404: {"description": "unknown job"}},
-            summary="Status, progress and result of an alignment job")
+@router.get("/heads/alignment/{job_id}", response_model=JobInfo, dependencies=[AdminKey],
+            responses={404: {"description": "unknown job"}}, summary="Status, progress and result of an alignment job")
 async def alignment_job(job_id: str, rt: RuntimeDep) -> dict[str, Any]:
     """Status as for fit jobs; when ``succeeded`` the body also holds the full alignment report."""
-    return _job_report(rt, job_id)
+    return await rt.io.run(_job_report, rt, job_id)
 
 
 # ---- one head (declared last: /heads/{layer}/{head} would otherwise shadow /heads/alignment/{job_id}) ----
 
 
-@router.get("/heads/{layer}/{head}", dependencies=[ApiKey], responses={404: {"description": "no such head"}},
+@router.get("/heads/{layer}/{head}", response_model=Report, dependencies=[ApiKey],
+            responses={404: {"description": "no such head"}},
             summary="One head: full spectrum and text descriptions")
 async def head_detail(layer: int, head: int, rt: RuntimeDep,
                       method: Literal["somp", "textspan"] = Query("somp", description="description algorithm"),
@@ -277,11 +270,11 @@ async def head_spectrum_png(layer: int, head: int, rt: RuntimeDep,
                             n: int = Query(32, ge=2, le=4096, description="components drawn")) -> Response:
     assert rt.heads is not None
     idx = rt.heads.head_index(layer, head)
-    basis = await asyncio.to_thread(rt.heads.basis)
+    basis = await rt.analysis.run(rt.heads.basis)
     g = rt.heads.bb.geometry
     curves = {}
     for name, unit in ((f"head {layer}.{head}", 1 + g.layers + idx), (f"mlp {layer}", 1 + layer)):
         eig = basis.eigenvalues[unit]
         curves[name] = (eig.cumsum(0) / eig.sum().clamp_min(1e-30))[:n].tolist()
-    png = await asyncio.to_thread(evr_curves_png, curves, f"layer {layer}, head {head}: explained variance")
+    png = await rt.analysis.run(evr_curves_png, curves, f"layer {layer}, head {head}: explained variance")
     return Response(png, media_type="image/png")

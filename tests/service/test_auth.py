@@ -1,15 +1,50 @@
+"""Auth scopes, parametrised over the OpenAPI schema: every operation is open (health), API-key (classify and
+reads), or admin (everything that enqueues work or stores data, and reading jobs). A new route must be placed in
+one of the tables below or this test fails."""
+
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from service.main import create_app
+from service.settings import Settings
 from tests.service.conftest import make_settings, wait_ready
 
-API, ADMIN = "api-key-123", "admin-key-456"
+API, ADMIN = "api-key-0123456789abcdef", "admin-key-0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[2]
+
+OPEN = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics")}
+API_SCOPE = {  # classification and reads that neither enqueue work nor store data
+    ("POST", "/classify"), ("GET", "/label-sets/{label_set_id}"), ("GET", "/coefficients"),
+    ("GET", "/coefficients/{name}"), ("GET", "/heads"), ("GET", "/heads/spectrum.png"),
+    ("GET", "/heads/{layer}/{head}"), ("GET", "/heads/{layer}/{head}/spectrum.png")}
+ADMIN_SCOPE = {
+    ("POST", "/label-sets"), ("POST", "/fit-alignment"), ("GET", "/fit-alignment"),
+    ("GET", "/fit-alignment/{job_id}"), ("DELETE", "/fit-alignment/{job_id}"), ("POST", "/datasets"),
+    ("GET", "/datasets/{dataset_id}"), ("POST", "/coefficients/{name}/activate"), ("POST", "/heads/alignment"),
+    ("POST", "/heads/alignment.png"), ("GET", "/heads/alignment/{job_id}"), ("GET", "/heads/alignment/{job_id}.png")}
+_PARAMS = {"label_set_id": "ls-" + "0" * 20, "name": "nope", "job_id": "0", "dataset_id": "ds-" + "0" * 20,
+           "layer": "0", "head": "0"}
+
+
+def _schema_operations() -> list[tuple[str, str]]:
+    schema = create_app(Settings(artifact_dir=Path("/nonexistent"))).openapi()  # no lifespan: nothing loads
+    return sorted((m.upper(), p) for p, item in schema["paths"].items() for m in item)
+
+
+OPERATIONS = _schema_operations()
+
+
+def test_every_operation_has_a_declared_scope() -> None:
+    assert set(OPERATIONS) == OPEN | API_SCOPE | ADMIN_SCOPE
+    assert not (API_SCOPE & ADMIN_SCOPE)
 
 
 @pytest.fixture(scope="module")
@@ -20,36 +55,42 @@ def secured(artifacts: Path, redis_server) -> Iterator[TestClient]:
         yield c
 
 
-def _protected_operations(client: TestClient) -> list[tuple[str, str]]:
-    ops = []
-    for path, item in client.get("/openapi.json").json()["paths"].items():
-        for method in item:
-            if path not in ("/livez", "/readyz", "/metrics"):
-                ops.append((method.upper(), path.replace("{", "").replace("}", "")))
-    return ops
+def _url(path: str) -> str:
+    for k, v in _PARAMS.items():
+        path = path.replace("{" + k + "}", v)
+    return path
 
 
-def test_every_protected_route_answers_401_without_a_key(secured: TestClient) -> None:
-    ops = _protected_operations(secured)
-    assert len(ops) >= 10
-    for method, path in ops:
-        r = secured.request(method, path, json={})
-        assert r.status_code == 401, (method, path, r.status_code)
-        assert r.json()["error"]["type"] == "unauthorized"
-        r = secured.request(method, path, json={}, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401, (method, path)
+@pytest.mark.parametrize(("method", "path"), [op for op in OPERATIONS if op not in OPEN])
+def test_scopes(secured: TestClient, method: str, path: str) -> None:
+    url = _url(path)
+    r = secured.request(method, url, json={})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = secured.request(method, url, json={}, headers={"Authorization": "Bearer wrong-key-0123456789"})
+    assert r.status_code == 401
+    r = secured.request(method, url, json={}, headers={"Authorization": f"Bearer {API}"})
+    if (method, path) in ADMIN_SCOPE:
+        assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden", r.text
+    else:
+        assert r.status_code not in (401, 403), r.text
+    r = secured.request(method, url, json={}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code not in (401, 403), r.text
 
 
-def test_classification_key_is_refused_on_admin_routes(secured: TestClient) -> None:
+def test_the_classification_key_can_neither_enqueue_nor_store(secured: TestClient, artifacts: Path) -> None:
     auth = {"Authorization": f"Bearer {API}"}
-    r = secured.post("/label-sets", json={"classes": ["a", "b"]}, headers=auth)
-    assert r.status_code == 403
-    assert r.json()["error"]["type"] == "forbidden"
-    assert secured.post("/fit-alignment", json={}, headers=auth).status_code == 403
+    before = sorted(p.relative_to(artifacts) for p in artifacts.rglob("*"))
+    body = {"dataset": {"images": ["aGVsbG8="] * 3, "labels": ["a", "b", "a"]}, "label_set": {"classes": ["a", "b"]}}
+    assert secured.post("/heads/alignment", json=body, headers=auth).status_code == 403
+    assert secured.post("/label-sets", json={"classes": ["a", "b"]}, headers=auth).status_code == 403
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+    r = secured.post("/classify", json={"images": [png], "label_set": {"classes": ["fresh-a", "fresh-b"]}},
+                     headers=auth)
+    assert r.status_code == 200  # classify computes the label-set id but stores nothing
+    assert sorted(p.relative_to(artifacts) for p in artifacts.rglob("*")) == before
     admin = {"Authorization": f"Bearer {ADMIN}"}
     assert secured.post("/label-sets", json={"classes": ["a", "b"]}, headers=admin).status_code == 201
-    r = secured.post("/classify", json={"images": [], "label_set": {"classes": ["a"]}}, headers=auth)
-    assert r.status_code == 422  # authenticated, then validated
 
 
 def test_health_is_open_and_reports_auth(secured: TestClient) -> None:
@@ -61,3 +102,23 @@ def test_health_is_open_and_reports_auth(secured: TestClient) -> None:
 def test_settings_repr_hides_keys(secured: TestClient) -> None:
     settings = secured.app.state.runtime.settings
     assert API not in repr(settings) and ADMIN not in repr(settings)
+
+
+@pytest.mark.parametrize("key", ["change-me-api", "change-me-admin-0123456789", "short-key",
+                                 "my-secret-key-0123456789"])
+def test_placeholder_or_short_keys_are_refused(key: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(api_key=key)
+    assert key not in str(info.value)
+    with pytest.raises(ValidationError):
+        Settings(admin_api_key=key)
+
+
+def test_the_server_refuses_to_start_with_a_placeholder_key(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "RESIDUAL_ADMIN_API_KEY": "change-me-admin",
+           "RESIDUAL_ARTIFACT_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "service.main", "--port", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "admin_api_key" in done.stderr and "at least 16 characters" in done.stderr
+    assert "change-me-admin" not in done.stderr

@@ -8,6 +8,7 @@ import io
 import logging
 import socket
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from urllib.parse import quote
@@ -60,8 +61,16 @@ def test_decompression_bombs_are_stopped_by_our_pixel_ceiling(client: TestClient
         r = client.post("/classify", json={"images": [_b64(blob)], "label_set": LABELS})
         assert r.status_code == 413, (side, r.text)
         assert r.json()["error"]["type"] == "payload_too_large" and "pixels" in r.json()["error"]["message"]
-    # 12000^2 = 144 Mpx lies between Pillow's warning and error thresholds: our 40 Mpx ceiling, not Pillow, stops it
-    assert 89_478_485 < 12_000**2 < 178_956_970
+    # Pillow alone refuses the 20000^2 bomb at open() but only warns about the 12000^2 one: our ceiling (40 Mpx,
+    # named in the answer) is what stops it
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(bombs[20_000]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Image.open(io.BytesIO(bombs[12_000])).close()
+    assert [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    r = client.post("/classify", json={"images": [_b64(bombs[12_000])], "label_set": LABELS})
+    assert "the limit is 40000000" in r.json()["error"]["message"]
     good = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
     assert client.post("/classify", json={"images": [good], "label_set": LABELS}).status_code == 200
 
@@ -117,29 +126,62 @@ INJECTED = ["../../etc/passwd", "hf-hub:attacker/x", "local-dir:/", " ", "a\nb",
             "/etc/passwd", "ds-../../x", "ls-" + "0" * 19 + "/"]
 
 
-def test_injected_identifiers_are_refused_without_touching_disk_or_network(client: TestClient,
+class _DiskGuard:
+    """Records every file-system access (open, stat, listing) under the artifact store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self.touched: list[str] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import builtins
+        import os
+
+        def wrap(fn):  # type: ignore[no-untyped-def]
+            def guarded(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+                p = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else ""
+                if p.startswith(self.root) or "passwd" in p:
+                    self.touched.append(p)
+                return fn(path, *args, **kwargs)
+
+            return guarded
+
+        for module, name in ((os, "stat"), (os, "open"), (os, "scandir"), (os, "listdir"), (io, "open"),
+                             (builtins, "open")):
+            monkeypatch.setattr(module, name, wrap(getattr(module, name)))
+
+
+def test_injected_identifiers_are_refused_without_touching_disk_or_network(client: TestClient, artifacts: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    guard = _NetworkGuard()
-    guard.install(monkeypatch)
     good = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+    guard, disk = _NetworkGuard(), _DiskGuard(artifacts)
+    guard.install(monkeypatch)
+    disk.install(monkeypatch)
     for ident in INJECTED:
         calls = [
-            ("POST", "/classify", {"images": [good], "coefficients": ident}),
-            ("POST", "/classify", {"images": [good], "label_set_id": ident}),
-            ("POST", "/heads/alignment", {"dataset": ident, "label_set": {"classes": ["a", "b"]}}),
-            ("POST", "/fit-alignment", {"name": ident, "dataset": "world:colour"}),
-            ("POST", "/fit-alignment", {"name": "ok", "dataset": ident, "label_set": {"classes": ["a", "b"]}}),
+            ("POST", "/classify", {"images": [good], "coefficients": ident}, "coefficients"),
+            ("POST", "/classify", {"images": [good], "label_set_id": ident}, "not a label-set id"),
+            ("POST", "/heads/alignment", {"dataset": ident, "label_set": {"classes": ["a", "b"]}}, "dataset id"),
+            ("POST", "/fit-alignment", {"name": ident, "dataset": "world:colour"}, "must match"),
+            ("POST", "/fit-alignment", {"name": "ok", "dataset": ident, "label_set": {"classes": ["a", "b"]}},
+             "dataset id"),
         ]
-        for method, path, body in calls:
+        for method, path, body, fragment in calls:
             r = client.request(method, path, json=body)
-            assert r.status_code in (404, 422), (path, ident, r.status_code, r.text)
-            assert r.json()["error"]["message"]
+            assert r.status_code == 422, (path, ident, r.status_code, r.text)
+            assert fragment in r.json()["error"]["message"], (path, ident, r.text)
         q = quote(ident, safe="").replace(".", "%2E")  # so the client does not resolve '..' itself
+        # an id with an inner '/' matches no route (404); a trailing '/' is only redirected (307, nothing read);
+        # any other id reaches its route and is refused there (422)
+        expected = 404 if "/" in ident.rstrip("/") else 307 if ident.endswith("/") else 422
         for path in (f"/coefficients/{q}", f"/fit-alignment/{q}", f"/datasets/{q}", f"/label-sets/{q}",
                      f"/heads/alignment/{q}"):
-            r = client.get(path)
-            assert r.status_code in (404, 405, 422), (path, r.status_code, r.text)
+            r = client.get(path, follow_redirects=False)
+            assert r.status_code == expected, (path, r.status_code, r.text)
+            if expected != 307:
+                assert r.json()["error"]["type"] == ("not_found" if expected == 404 else "invalid_request")
     assert guard.outbound == []
+    assert disk.touched == [], disk.touched[:5]
 
 
 def test_a_coefficient_file_with_nan_is_refused_and_the_active_version_stays(client: TestClient,
@@ -166,7 +208,7 @@ def test_a_coefficient_file_with_nan_is_refused_and_the_active_version_stays(cli
     assert np.isfinite([t["score"] for t in r.json()["results"][0]["top"]]).all()
 
 
-SECRETS = ("sk-api-7f3a9c", "sk-admin-41d2e8", "hunter2-redis-pw")
+SECRETS = ("sk-api-7f3a9c0d4e5b6a71", "sk-admin-41d2e8f9a0b1c2d3", "hunter2-redis-pw")
 
 
 def test_secrets_never_reach_logs_bodies_or_repr(artifacts: Path, caplog: pytest.LogCaptureFixture,
@@ -222,3 +264,77 @@ def test_a_queue_redis_that_may_evict_jobs_is_reported(artifacts: Path, caplog: 
         assert body["queue_maxmemory_policy"] == "noeviction" and body["warnings"] == []
     finally:
         safe.stop()
+
+
+def _zip_bomb(member_bytes: int) -> bytes:
+    """A zip holding one member of ``member_bytes`` zeros (about 1/1000 of that compressed)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf, \
+            zf.open("red/bomb.png", "w", force_zip64=True) as f:
+        chunk = b"\0" * (16 << 20)
+        for _ in range(member_bytes // len(chunk)):
+            f.write(chunk)
+    return buf.getvalue()
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_archive_bombs_are_refused_while_streaming(client: TestClient, artifacts: Path) -> None:
+    """A 1.5 MB zip with one 1.5 GB member: 413 before inflating it, with under 100 MB of RSS growth."""
+    bomb = _zip_bomb(1536 << 20)
+    assert len(bomb) < 2_000_000
+    before = _rss_mib()
+    r = client.post("/datasets", content=bomb, headers={"content-type": "application/zip"})
+    grown = _rss_mib() - before
+    assert r.status_code == 413, r.text
+    assert "per member" in r.json()["error"]["message"]
+    assert grown < 100, f"RSS grew by {grown:.0f} MiB"
+    # a tar.gz whose member header claims 1.5 GB is refused before its data is read
+    import gzip
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        info = tarfile.TarInfo("red/big.png")
+        info.size = 1536 << 20
+        tf.addfile(info)  # the header alone: its data is never written
+    r = client.post("/datasets", content=gzip.compress(raw.getvalue()), headers={"content-type": "application/gzip"})
+    assert r.status_code == 413 and "per member" in r.json()["error"]["message"], r.text
+    assert not list((artifacts / "datasets").glob("*")) or all(
+        p.name.startswith("ds-") for p in (artifacts / "datasets").iterdir())  # nothing half-written
+
+
+def test_archive_member_count_and_total_limits(artifacts: Path, redis_server) -> None:
+    import tarfile
+
+    png = io.BytesIO()
+    Image.fromarray(tasks.task_images("colour", "test", n=1)[0][0]).save(png, "PNG")
+
+    def tar(n: int, copies: int = 1) -> bytes:
+        """n members alternating two classes, each the PNG repeated ``copies`` times."""
+        buf = io.BytesIO()
+        data = png.getvalue() * copies
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for i in range(n):
+                info = tarfile.TarInfo(f"{'red' if i % 2 else 'blue'}/{i}.png")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    settings = make_settings(artifacts, redis_server.url, max_archive_members=3,
+                             max_archive_bytes=int(5.5 * len(png.getvalue())))
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        r = c.post("/datasets", content=tar(4), headers={"content-type": "application/x-tar"})
+        assert r.status_code == 413 and "more than 3 members" in r.json()["error"]["message"], r.text
+        r = c.post("/datasets", content=tar(3, copies=2), headers={"content-type": "application/x-tar"})
+        assert r.status_code == 413 and "inflates to more than" in r.json()["error"]["message"], r.text
+        r = c.post("/datasets", content=tar(3), headers={"content-type": "application/x-tar"})
+        assert r.status_code == 201, r.text

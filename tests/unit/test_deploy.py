@@ -13,12 +13,48 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def render(overlay: str) -> list[dict]:
+def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
-    assert kubectl is not None, "kubectl (with its built-in kustomize) is needed to render deploy/k8s"
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)], check=True,
+    if kubectl is None:
+        pytest.fail("kubectl is not installed, and it renders deploy/k8s (kustomize is built in): install it, e.g. "
+                    "`apt-get install kubectl` or the static binary from dl.k8s.io", pytrace=False)
+    return kubectl
+
+
+@pytest.fixture(scope="module")
+def deploy_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """deploy/ copied with a secrets.env made by deploy/make-secrets.sh (as an operator would)."""
+    copy = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(ROOT / "deploy", copy, ignore=shutil.ignore_patterns("secrets.env"))
+    subprocess.run(["bash", str(copy / "make-secrets.sh")], check=True, capture_output=True)
+    return copy
+
+
+def render(overlay: str, deploy: Path) -> list[dict]:
+    out = subprocess.run([_kubectl(), "kustomize", str(deploy / "k8s/overlays" / overlay)], check=True,
                          capture_output=True, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_rendering_without_generated_secrets_fails(tmp_path: Path) -> None:
+    copy = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", copy, ignore=shutil.ignore_patterns("secrets.env"))
+    done = subprocess.run([_kubectl(), "kustomize", str(copy / "k8s/overlays/cpu")], capture_output=True, text=True)
+    assert done.returncode != 0 and "secrets.env" in done.stderr
+
+
+def test_generated_secrets_are_real_keys(deploy_copy: Path) -> None:
+    from service.settings import Settings
+
+    env = dict(line.split("=", 1) for line in (deploy_copy / "k8s/base/secrets.env").read_text().splitlines())
+    assert (deploy_copy / "k8s/base/secrets.env").stat().st_mode & 0o077 == 0  # only the owner reads it
+    Settings(api_key=env["RESIDUAL_API_KEY"], admin_api_key=env["RESIDUAL_ADMIN_API_KEY"])  # accepted at start
+    assert env["RESIDUAL_API_KEY"] != env["RESIDUAL_ADMIN_API_KEY"]
+    assert f":{env['REDIS_PASSWORD']}@" in env["RESIDUAL_REDIS_URL"]
+    assert subprocess.run(["bash", str(deploy_copy / "make-secrets.sh")], capture_output=True).returncode != 0
+    tracked = subprocess.run(["git", "ls-files", "deploy"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "secrets.env" not in tracked
+    assert "change-me" not in "".join(p.read_text() for p in (ROOT / "deploy/k8s").rglob("*.yaml"))
 
 
 def _pod_specs(objs: list[dict]) -> dict[str, dict]:
@@ -27,8 +63,8 @@ def _pod_specs(objs: list[dict]) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
-def test_rendered_objects(overlay: str) -> None:
-    objs = render(overlay)
+def test_rendered_objects(overlay: str, deploy_copy: Path) -> None:
+    objs = render(overlay, deploy_copy)
     kinds = sorted(o["kind"] for o in objs)
     for kind in ("ConfigMap", "Secret", "PersistentVolumeClaim", "StatefulSet", "Deployment", "Service",
                  "PodDisruptionBudget", "HorizontalPodAutoscaler", "ScaledObject", "NetworkPolicy", "ServiceMonitor"):
@@ -64,6 +100,9 @@ def test_rendered_objects(overlay: str) -> None:
     assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == "rq:queue:residual-fit"
     device = next(o for o in objs if o["kind"] == "ConfigMap")["data"]["RESIDUAL_DEVICE"]
     assert device == ("cuda" if overlay == "gpu" else "cpu")
+    secret = next(o for o in objs if o["kind"] == "Secret")
+    assert secret["metadata"]["name"] == "residual-secrets"
+    assert {"REDIS_PASSWORD", "RESIDUAL_API_KEY", "RESIDUAL_ADMIN_API_KEY"} <= set(secret["data"])
 
 
 def test_dockerfile_rules() -> None:
