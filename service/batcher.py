@@ -97,6 +97,10 @@ class Batcher:
                 await self._task
         self._fail_all(BackendUnavailable("the service is shutting down"))
 
+    def fail_pending(self, exc: BackendUnavailable) -> None:
+        """Fail every waiting and running request now (the shutdown deadline); the loop goes on."""
+        self._fail_all(exc)
+
     def _fail_all(self, exc: BackendUnavailable) -> None:
         for item in [*self._running, *self._pending]:
             if not item.future.done():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -16,13 +18,23 @@ from service.artifacts import ArtifactStore
 from service.batcher import Batcher
 from service.cache import RedisState, TextCache
 from service.datasets import ArchiveLimits, DatasetStore
-from service.errors import Forbidden, InvalidRequest, NotReady, ServiceError, ShuttingDown, Unauthorized
+from service.errors import (
+    BackendUnavailable,
+    Forbidden,
+    InvalidRequest,
+    NotReady,
+    ServiceError,
+    ShuttingDown,
+    Unauthorized,
+)
 from service.heads import HeadService
 from service.metrics import Metrics
 from service.model_store import DEFAULT_TEMPLATES, ModelStore
 from service.pools import ModelOwner, Pool
 from service.schemas import LabelSet
 from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "dataset_store", "label_set_from", "validate_label_set",
            "world_and_label_set"]
@@ -46,6 +58,20 @@ class Runtime:
     heads: HeadService | None = None
     load_error: str | None = None
     draining: bool = False
+    loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once the lifespan runs
+
+    def fail_in_flight(self) -> None:
+        """Shutdown deadline (on the event loop): fail queued and long work with 503 instead of abandoning it.
+
+        Queued batches fail at once; chunked work (a reference basis, head analyses) stops at its next chunk; the
+        forward running now finishes. Requests then answer 503 ``backend_unavailable`` before uvicorn's graceful
+        timeout would cut their connections.
+        """
+        logger.warning("shutdown deadline reached: failing in-flight work")
+        if self.batcher is not None:
+            self.batcher.fail_pending(BackendUnavailable("the service is shutting down"))
+        self.owner.stop()
+        self.analysis.stop()
 
     def problem(self) -> ServiceError | None:
         """Why this replica cannot serve now, or None. ``/readyz`` and every route use exactly this predicate."""

@@ -90,12 +90,14 @@ class HeadService:
     def __init__(self, bb: Backbone, ln: LinearisedLN, forward: Forward, owner: ModelOwner, io: Pool, chunk: int,
                  sample_images: int, artifacts: ArtifactStore,
                  dictionary_embeddings: Callable[[list[str]], torch.Tensor], dictionary_path: Path | None = None,
-                 reference_images_n: int = REFERENCE_SIZE) -> None:
+                 reference_images_n: int = REFERENCE_SIZE, on_basis_images: Callable[[int], None] | None = None
+                 ) -> None:
         self.bb, self.ln, self._forward, self.chunk = bb, ln, forward, chunk
         self.owner, self.io = owner, io
         self.sample_images = sample_images
         self.artifacts = artifacts
         self.reference_images_n = reference_images_n
+        self._on_basis_images = on_basis_images
         self._dictionary_embeddings = dictionary_embeddings
         self._dictionary_path = dictionary_path
         self._basis: Basis | None = None
@@ -121,6 +123,8 @@ class HeadService:
             self.owner.check_running()
             piece = pixels[i : i + self.chunk]
             parts.append(self.owner.call(lambda x=piece: decompose(self.bb, x, self.ln).units))
+            if self._on_basis_images is not None:
+                self._on_basis_images(int(piece.shape[0]))
         return torch.cat(parts)
 
     def basis(self) -> Basis:

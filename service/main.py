@@ -175,7 +175,7 @@ def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
 
     return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis, s.max_batch_size,
                        s.heads_sample_images, rt.artifacts, dictionary_embeddings, s.text_dictionary,
-                       s.reference_basis_images)
+                       s.reference_basis_images, rt.metrics.reference_basis_images.inc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -190,6 +190,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.loop = asyncio.get_running_loop()
+
         async def start() -> None:
             await runtime.owner.run(_load, runtime)
             if runtime.store is not None and not runtime.draining:
@@ -256,10 +258,13 @@ class _Server(uvicorn.Server):
         self.runtime = runtime
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.runtime.draining:
-            logger.info("signal %d: draining (no new work; in-flight requests get %.0fs)", sig,
-                        self.runtime.settings.shutdown_timeout_s)
-        self.runtime.draining = True
+        rt = self.runtime
+        if not rt.draining:
+            grace = rt.settings.shutdown_timeout_s
+            logger.info("signal %d: draining (no new work; in-flight work gets %.0fs)", sig, grace)
+            rt.draining = True
+            if rt.loop is not None:  # fail what is still running a little before uvicorn stops waiting for it
+                rt.loop.call_soon_threadsafe(rt.loop.call_later, max(0.0, grace - 1.0), rt.fail_in_flight)
         super().handle_exit(sig, frame)
 
 

@@ -52,6 +52,8 @@ class Metrics:
         self.text_encodes_shared = Counter("residual_text_encodes_shared_total",
                                            "label-set encodings that waited on an identical one in flight",
                                            registry=r)
+        self.reference_basis_images = Counter("residual_reference_basis_images_total",
+                                              "images run through the model to build reference bases", registry=r)
         self.rejected = Counter("residual_requests_rejected_total", "requests refused before the backbone",
                                 ["reason"], registry=r)
 

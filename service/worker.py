@@ -3,8 +3,8 @@
 Pipeline of one job (``run_fit``): decode the dataset, extract raw per-head features once per (dataset, model
 weights) and cache them in the artifact store, fit with the library, write the coefficient set atomically
 (uuid temporary file, fsync, rename) under ``coefficients/<name>/<version>.safetensors`` and, when the job asks for
-it, make it the active version, but only if the name's active version is still the one recorded when the job was
-submitted (compare and set under the name's lock: a rollback made during the fit wins).
+it, make it the active version, but only if the name's active version is still the one recorded when the job
+started (compare and set under the name's lock: a rollback made during the fit wins).
 Progress goes to the job's meta (phase, fraction, epoch, validation accuracy); ``DELETE /fit-alignment/{id}``
 sets a cancel flag that the fit polls between batches.
 """
@@ -43,7 +43,7 @@ from residual.decomposition import project_units
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
 from residual.tiny.reference import reference_basis
-from service.artifacts import ANY, ArtifactStore
+from service.artifacts import ArtifactStore
 from service.cache import queue_policy_warning
 from service.heads import alignment_report, load_alignment_data
 from service.settings import Settings, get_settings
@@ -158,6 +158,9 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     conn = job.connection if job is not None else None
     started = time.perf_counter()
+    artifacts = ArtifactStore(s.artifact_dir)
+    active_at_start = artifacts.active(spec["name"])  # activation later only if this is still the active version
+    _progress(active_at_start=active_at_start)
     bb = _backbone(s)
     if bb.weights_id != spec["weights_id"]:
         raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for {spec['weights_id']}")
@@ -165,7 +168,6 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     data = _features(bb, s, spec)
     extract_s = time.perf_counter() - started
     classes, templates = spec["classes"], spec["templates"]
-    artifacts = ArtifactStore(s.artifact_dir)
     if spec["basis"] == "fit-on-train":
         _progress(phase="fitting basis")
         basis = _basis_on(bb, data["train"][0], ln)
@@ -207,7 +209,7 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     path = artifacts.coefficient_path(spec["name"], version)
     if not path.exists():
         cs.save(path)  # atomic: uuid temporary file, fsync, rename
-    activated, why = _activate(artifacts, spec, version)
+    activated, why = _activate(artifacts, spec, version, active_at_start)
     _progress(phase="done", fraction=1.0)
     report = {k: v for k, v in cs.report.items() if k != "history"}
     return {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why, "report": report}
@@ -251,12 +253,11 @@ def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN) -> Basis:
     return basis_from_units(bb, batches, source={"kind": "fit-on-train", "n": len(raw)})
 
 
-def _activate(artifacts: ArtifactStore, spec: dict[str, Any], version: str) -> tuple[bool, str]:
-    """Activate the fitted version if the job asks for it and nobody changed ACTIVE since submission."""
+def _activate(artifacts: ArtifactStore, spec: dict[str, Any], version: str, expected: str | None) -> tuple[bool, str]:
+    """Activate the fitted version if the job asks for it and nobody changed ACTIVE since the job started."""
     name = spec["name"]
     if not spec.get("activate", True):
         return False, "not requested (activate: false)"
-    expected = spec.get("expected_active", ANY)  # jobs queued before this field existed: unconditional
     if artifacts.activate(name, version, expected=expected):
         return True, "activated"
     now = artifacts.active(name)

@@ -18,24 +18,74 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def api_process(redis_url: str, artifacts: Path, **settings: str) -> Iterator[httpx.Client]:
-    """A second API replica as its own uvicorn process on a free loopback port."""
+def api_server(redis_url: str, artifacts: Path, ready_timeout: float = 120,
+               **settings: str) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
+    """An API replica as its own uvicorn process on a free loopback port: (client, process), once ready."""
     port = free_port()
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
                HF_HUB_OFFLINE="1", **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
     proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
                             cwd=ROOT, env=env)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
 
             def ready() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"the API process exited with {proc.returncode} before it was ready")
                 try:
                     return client.get("/readyz").status_code == 200
                 except httpx.TransportError:
                     return False
 
-            wait_for(ready, 120, "the second API process to be ready")
-            yield client
+            wait_for(ready, ready_timeout, "the API process to be ready")
+            yield client, proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def api_process(redis_url: str, artifacts: Path, **settings: str) -> Iterator[httpx.Client]:
+    """A second API replica as its own uvicorn process on a free loopback port."""
+    with api_server(redis_url, artifacts, **settings) as (client, _):
+        yield client
+
+
+def worker_process(redis_url: str, artifacts: Path, **settings: str) -> subprocess.Popen[bytes]:
+    """An alignment worker as its own process (no metrics port)."""
+    env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
+               HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT="0",
+               **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
+    return subprocess.Popen([sys.executable, "-m", "service.worker", "--log-level", "warning"], cwd=ROOT, env=env)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def variant_checkpoint(path: Path, seed: int = 7) -> Path:
+    """residual-tiny's architecture with its shipped weights slightly perturbed: a checkpoint without a shipped
+    basis (its own weights id), the way a user's fine-tuned checkpoint arrives."""
+    import torch
+    from safetensors.torch import save_file
+
+    from residual import load_backbone
+
+    bb = load_backbone("residual-tiny", device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, t in bb.model.state_dict().items():
+        t = t.detach().float().clone()
+        if t.is_floating_point() and t.dim() >= 2 and name.startswith("visual."):
+            t += 0.02 * t.std() * torch.randn(t.shape, generator=gen)
+        state[name] = t.contiguous()
+    save_file(state, str(path))
+    return path

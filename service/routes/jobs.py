@@ -1,9 +1,9 @@
 """Alignment fit jobs (admin key): ``POST /fit-alignment``, its status, cancellation and the job list.
 
 ``POST /fit-alignment`` validates everything that can be seen at submission (422), stores inline data as a
-dataset, records the name's active version at that moment, and enqueues a JSON job on RQ (202 with the status URL).
-When the fit ends, the worker activates its result only if ``activate`` is true and the name's active version is
-still the one recorded at submission (a rollback made meanwhile wins; the job says ``activated: false`` and why).
+dataset, and enqueues a JSON job on RQ (202 with the status URL). The worker records the name's active version
+when the job starts; when the fit ends it activates the result only if ``activate`` is true and the active version
+is still that one (a rollback made during the fit wins; the job says ``activated: false`` and why).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class FitRequest(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[arg-type]
     basis: Literal["reference", "fit-on-train"] = "reference"
     activate: bool = Field(True, description="make the result the active version when the fit ends, unless the "
-                                             "active version changed since submission (e.g. a rollback)")
+                                             "active version changed while the job ran (e.g. a rollback)")
 
 
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -101,8 +101,7 @@ async def submit_fit(body: FitRequest, rt: RuntimeDep) -> JobAccepted:
         if empty:
             raise InvalidRequest(f"classes of the label set without images: {empty}")
         spec |= {"dataset_id": dataset.dataset_id, "class_map": {c: classes.index(c) for c in dataset.classes}}
-    spec |= {"classes": classes, "templates": templates,
-             "expected_active": await rt.io.run(rt.artifacts.active, body.name)}
+    spec |= {"classes": classes, "templates": templates}
     job = await rt.io.run(queue.enqueue, rt.jobs_redis, queue.FIT, spec, body.name, s.job_timeout_s,
                           s.job_result_ttl_s)
     return JobAccepted(job_id=job.id, status_url=f"/fit-alignment/{job.id}")

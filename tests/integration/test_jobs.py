@@ -22,7 +22,7 @@ from rq.serializers import JSONSerializer
 from residual.tiny import tasks
 from service.main import create_app
 from service.worker import QUEUE_NAME
-from tests.processes import api_process
+from tests.processes import api_process, worker_process
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
 from tests.waiting import wait_for
@@ -93,7 +93,23 @@ def _accuracy(client: TestClient, task: str, coefficients: str | None, n: int = 
     return correct / n
 
 
+def _worker_metric(name: str) -> float:
+    """One sample of the worker's metrics (0 when absent), once its endpoint answers (the worker may be starting)."""
+
+    def scrape() -> str | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
+        except httpx.TransportError:
+            return None
+
+    for line in wait_for(scrape, 120, "the worker's metrics endpoint").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
+    fits_before = _worker_metric('residual_fit_duration_seconds_count{variant="full"}')
     r = api.post("/fit-alignment", json={"name": "position", "dataset": "world:position", "variant": "full"})
     assert r.status_code == 202, r.text
     job = r.json()
@@ -111,9 +127,8 @@ def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
     assert api.get("/fit-alignment").json()["total"] >= 1
     scraped = api.get("/metrics").text
     assert 'residual_fit_jobs{status="succeeded"}' in scraped and "residual_fit_queue_length" in scraped
-    worker_metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
-    assert 'residual_fit_duration_seconds_count{variant="full"} 1.0' in worker_metrics
-    assert 'residual_feature_cache_lookups_total{result="miss"}' in worker_metrics
+    assert _worker_metric('residual_fit_duration_seconds_count{variant="full"}') == fits_before + 1  # this fit
+    assert _worker_metric('residual_feature_cache_lookups_total{result="miss"}') >= 1
 
 
 def _archive(entries: dict[str, bytes]) -> bytes:
@@ -293,31 +308,39 @@ def test_large_head_alignment_becomes_a_job(redis_jobs: RedisServer, artifacts: 
         assert done["status"] == "succeeded", done
         assert len(done["heads"]) == 24 and done["n_score"] == 40 and done["n_eval"] == 60
         assert done["kind"] == "head-alignment"
-        # the worker's numbers are the API's numbers: the same request answered directly by a larger limit
-        direct = small.app.state.runtime
-        direct.settings.heads_sync_max_images = 1000
-        same = small.post("/heads/alignment", json=body).json()
-        for a, b in zip(done["heads"], same["heads"], strict=True):
-            assert abs(a["text_correlation"] - b["text_correlation"]) < 1e-4
         png = small.get(f"{job['status_url']}.png?picture=ablation")
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    # the worker's numbers are the API's numbers: the same request answered directly by a replica with a larger limit
+    with TestClient(create_app(make_settings(artifacts, redis_jobs.url, heads_sync_max_images=1000))) as direct:
+        wait_ready(direct)
+        same = direct.post("/heads/alignment", json=body)
+        assert same.status_code == 200, same.text
+        for a, b in zip(done["heads"], same.json()["heads"], strict=True):
+            assert abs(a["text_correlation"] - b["text_correlation"]) < 1e-4
 
 
-def test_killed_worker_leaves_no_job_running_forever(api: TestClient, redis_jobs: RedisServer, artifacts: Path,
-                                                     worker: subprocess.Popen[bytes]) -> None:
-    r = api.post("/fit-alignment", json={"name": "killed", "dataset": "world:digit",
-                                         "world_sizes": {"train": 3000, "val": 500, "test": 500},
-                                         "hyperparameters": {"epochs": 200, "patience": 200}})
-    job_id = r.json()["job_id"]
-    wait_status(api, job_id, {"running"}, phase="fitting")
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=30)
-    replacement = start_worker(redis_jobs.url, artifacts)
+def test_killed_worker_leaves_no_job_running_forever(tmp_path: Path) -> None:
+    """On a Redis and a worker of its own, so killing that worker leaves the module's worker to the other tests."""
+    own = start_private()
+    victim = worker_process(own.url, tmp_path)
+    replacement = None
     try:
-        done = wait_status(api, job_id, {"failed", "succeeded", "cancelled"}, timeout=180)
-        assert done["status"] == "failed"
-        assert done["error"]
+        with TestClient(create_app(make_settings(tmp_path, own.url))) as api:
+            wait_ready(api)
+            r = api.post("/fit-alignment", json={"name": "killed", "dataset": "world:digit",
+                                                 "world_sizes": {"train": 3000, "val": 500, "test": 500},
+                                                 "hyperparameters": {"epochs": 200, "patience": 200}})
+            job_id = r.json()["job_id"]
+            wait_status(api, job_id, {"running"}, phase="fitting")
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            replacement = worker_process(own.url, tmp_path)
+            done = wait_status(api, job_id, {"failed", "succeeded", "cancelled"}, timeout=180)
+            assert done["status"] == "failed"
+            assert done["error"]
     finally:
-        replacement.kill()
-        replacement.wait(timeout=30)
-
+        for proc in (victim, replacement):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        own.stop()

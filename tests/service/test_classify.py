@@ -134,7 +134,8 @@ def test_concurrent_requests_share_a_backbone_batch_and_mixed_sets_match_alone(a
     _publish(artifacts, "mix-b", "v1", seed=12, variant="fine")
     images, _ = _images(3)
     refs = ["mix-a", "mix-b", None, "mix-a@v1"]
-    settings = make_settings(artifacts, redis_server.url, max_wait_ms=1500.0, max_batch_size=64)
+    # the batch fires when it holds exactly the four requests (4 x 3 images): no time window to win or lose
+    settings = make_settings(artifacts, redis_server.url, max_wait_ms=60_000.0, max_batch_size=4 * 3)
     with TestClient(create_app(settings)) as c:
         wait_ready(c)
         alone = []
@@ -146,6 +147,7 @@ def test_concurrent_requests_share_a_backbone_batch_and_mixed_sets_match_alone(a
             alone.append(body)
         expected = [_library_probs(c, images, list(TASK.classes), list(TASK.templates), ref) for ref in refs]
         before = metric(c, "residual_backbone_batch_size_count")
+        images_before = metric(c, "residual_backbone_batch_size_sum")
         results: dict[int, dict] = {}
         barrier = threading.Barrier(len(refs))
 
@@ -159,9 +161,9 @@ def test_concurrent_requests_share_a_backbone_batch_and_mixed_sets_match_alone(a
         for t in threads:
             t.join()
         batches = metric(c, "residual_backbone_batch_size_count") - before
-        images_run = metric(c, "residual_backbone_batch_size_sum")
-        assert batches < len(refs), "concurrent requests were not merged"
-        assert images_run >= len(refs) * len(images)
+        images_run = metric(c, "residual_backbone_batch_size_sum") - images_before
+        assert batches == 1, "the four concurrent requests were not merged into one backbone batch"
+        assert images_run == len(refs) * len(images)
         for i, ref in enumerate(refs):
             assert results[i]["coefficients"] == (None if ref is None else ref.split("@")[0] + "@v1")
             for j, res in enumerate(results[i]["results"]):
@@ -169,11 +171,14 @@ def test_concurrent_requests_share_a_backbone_batch_and_mixed_sets_match_alone(a
 
 
 def test_requests_queued_behind_a_running_batch_all_succeed(artifacts: Path, redis_server) -> None:
-    """Batches smaller than the burst: requests complete while others still wait in the queue."""
+    """Batches smaller than the burst: six concurrent requests of 3 images at max batch 3 run as six batches, one
+    after another, so five of them waited in the queue behind a running batch, and all succeed."""
     images, _ = _images(3)
     body = {"images": [png_b64(a) for a in images], "label_set": {"classes": ["a", "b"]}}
     with TestClient(create_app(make_settings(artifacts, redis_server.url, max_batch_size=3))) as c:
         wait_ready(c)
+        before = metric(c, "residual_backbone_batch_size_count")
+        images_before = metric(c, "residual_backbone_batch_size_sum")
         statuses: list[int] = []
         barrier = threading.Barrier(6)
 
@@ -187,7 +192,9 @@ def test_requests_queued_behind_a_running_batch_all_succeed(artifacts: Path, red
         for t in threads:
             t.join()
         assert statuses == [200] * 6
-        assert metric(c, "residual_backbone_batch_size_count") >= 2
+        assert metric(c, "residual_backbone_batch_size_count") - before == 6  # never merged past max_batch_size
+        assert metric(c, "residual_backbone_batch_size_sum") - images_before == 18
+        assert metric(c, "residual_backbone_queue_depth") == 0  # the queue drained
 
 
 def test_label_set_registry(client: TestClient) -> None:

@@ -338,3 +338,21 @@ def test_archive_member_count_and_total_limits(artifacts: Path, redis_server) ->
         assert r.status_code == 413 and "inflates to more than" in r.json()["error"]["message"], r.text
         r = c.post("/datasets", content=tar(3), headers={"content-type": "application/x-tar"})
         assert r.status_code == 201, r.text
+
+
+def test_a_corrupt_coefficient_file_is_listed_with_an_error_not_a_500(client: TestClient, artifacts: Path) -> None:
+    basis = Basis.load(shipped_basis_path())
+    cs = init_coefficients("coarse", basis, LABELS["classes"], LABELS["templates"])
+    folder = artifacts / "coefficients" / "half-written"
+    cs.save(folder / "v-ok.safetensors")
+    (folder / "v-torn.safetensors").write_bytes((folder / "v-ok.safetensors").read_bytes()[:40])  # cut short
+    (folder / "ACTIVE").write_text("v-ok")
+    listing = client.get("/coefficients")
+    assert listing.status_code == 200, listing.text
+    entry = next(e for e in listing.json()["coefficient_sets"] if e["name"] == "half-written")
+    assert sorted(entry["versions"]) == ["v-ok", "v-torn"]
+    detail = client.get("/coefficients/half-written").json()
+    torn = next(v for v in detail["versions"] if v["version"] == "v-torn")
+    assert "unreadable" in torn["error"] and torn["active"] is False
+    r = client.post("/coefficients/half-written/activate", json={"version": "v-torn"})
+    assert r.status_code == 422 and client.get("/coefficients/half-written").json()["active"] == "v-ok"

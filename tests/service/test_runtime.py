@@ -1,0 +1,252 @@
+"""The runtime around the model: a supervised batcher, one readiness predicate, single-flight caches, a byte-bounded
+coefficient cache, and an event loop that never blocks (asyncio's slow-callback detection under load)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from residual import Basis, init_coefficients
+from residual.tiny import tasks
+from residual.tiny.reference import shipped_basis_path
+from service.errors import BackendUnavailable
+from service.main import create_app
+from tests.redis_server import free_port
+from tests.service.conftest import make_settings, metric, png_b64, wait_ready
+from tests.waiting import wait_for
+
+LABELS = {"classes": list(tasks.TASKS["colour"].classes), "templates": list(tasks.TASKS["colour"].templates)}
+
+
+@pytest.fixture(scope="module")
+def app_client(artifacts: Path, redis_server) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(artifacts, redis_server.url, max_wait_ms=20.0))) as c:
+        wait_ready(c)
+        yield c
+
+
+def _classify_ok(client: TestClient) -> None:
+    good = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+    r = client.post("/classify", json={"images": [good], "label_set": LABELS})
+    assert r.status_code == 200, r.text
+
+
+def test_a_failing_batch_fails_only_its_requests(app_client: TestClient) -> None:
+    """Pixels that cannot be concatenated fail inside the batch (torch.cat); before, that killed the loop silently
+    and every later request timed out while readiness stayed 200."""
+    rt = app_client.app.state.runtime
+    batcher = rt.batcher
+    errors_before = metric(app_client, "residual_backbone_errors_total")
+
+    async def one_bad_batch() -> list[object]:
+        good, bad = torch.zeros(1, 3, 48, 48), torch.zeros(1, 3, 32, 32)
+        return await asyncio.gather(batcher.submit(good), batcher.submit(bad), return_exceptions=True)
+
+    results = app_client.portal.call(one_bad_batch)
+    assert all(isinstance(r, BackendUnavailable) for r in results), results
+    assert metric(app_client, "residual_backbone_errors_total") == errors_before + 1
+    assert batcher.healthy and app_client.get("/readyz").status_code == 200
+    _classify_ok(app_client)  # the next batch runs
+
+
+def test_a_dead_batcher_loop_turns_readiness_503_and_restarts(app_client: TestClient) -> None:
+    rt = app_client.app.state.runtime
+    restarts = metric(app_client, "residual_batcher_restarts_total")
+
+    async def kill_loop() -> None:
+        assert rt.batcher._task is not None
+        rt.batcher._task.cancel()
+        await asyncio.sleep(0)
+
+    app_client.portal.call(kill_loop)
+    body = wait_for(lambda: (r := app_client.get("/readyz")).status_code == 503 and r.json(), 5,
+                    "readiness to report the dead batcher")
+    assert "batcher" in body["error"]["message"]
+    good = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+    r = app_client.post("/classify", json={"images": [good], "label_set": LABELS})
+    assert r.status_code == 503 and r.json()["error"]["message"] == body["error"]["message"]  # the same predicate
+    wait_for(lambda: app_client.get("/readyz").status_code == 200, 10, "the batcher to restart")
+    assert metric(app_client, "residual_batcher_restarts_total") == restarts + 1
+    _classify_ok(app_client)
+
+
+def test_text_encoding_is_single_flight(app_client: TestClient) -> None:
+    rt = app_client.app.state.runtime
+    store = rt.store
+    run = uuid.uuid4().hex[:8]  # prompts never seen by this Redis (it may be shared and outlive the test)
+    classes = [f"single-flight class {i} {run}" for i in range(40)]
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    encodes = store.text_forwards
+    shared = metric(app_client, "residual_text_encodes_shared_total")
+    barrier = threading.Barrier(8)
+
+    def call(_: int) -> torch.Tensor:
+        barrier.wait()
+        return rt.text.class_embeddings(f"ls-single-flight-{run}", classes, templates)
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(call, range(8)))
+    assert store.text_forwards - encodes == 1  # one encoder forward for eight concurrent first requests
+    assert metric(app_client, "residual_text_encodes_shared_total") - shared >= 1
+    assert all(torch.equal(o, out[0]) for o in out)
+
+
+def _write_sets(artifacts: Path, n: int) -> list[str]:
+    basis = Basis.load(shipped_basis_path())
+    refs = []
+    for i in range(n):
+        cs = init_coefficients("full", basis, LABELS["classes"], LABELS["templates"])
+        cs.lambdas = cs.lambdas * (1 + 0.01 * i)  # distinct content per set
+        folder = artifacts / "coefficients" / f"lru-{i}"
+        cs.save(folder / "v-1.safetensors")
+        (folder / "ACTIVE").write_text("v-1")
+        refs.append(f"lru-{i}@v-1")
+    return refs
+
+
+def test_coefficient_cache_is_byte_bounded_and_single_flight(tmp_path: Path, redis_server) -> None:
+    refs = _write_sets(tmp_path, 4)
+    with TestClient(create_app(make_settings(tmp_path, redis_server.url))) as probe:
+        wait_ready(probe)
+        one = probe.app.state.runtime.store.resolve_coefficients(refs[0]).nbytes
+    limit = int(2.5 * one)  # room for two sets
+    with TestClient(create_app(make_settings(tmp_path, redis_server.url, coefficient_cache_bytes=limit))) as c:
+        wait_ready(c)
+        store = c.app.state.runtime.store
+        barrier = threading.Barrier(6)
+
+        def load(_: int) -> str:
+            barrier.wait()
+            return store.resolve_coefficients("lru-0").ref
+
+        with ThreadPoolExecutor(6) as pool:
+            assert set(pool.map(load, range(6))) == {refs[0]}
+        assert metric(c, "residual_coefficient_sets_loaded_total") == 1  # six concurrent first requests, one load
+        assert metric(c, "residual_coefficient_cache_lookups_total", 'result="miss"') == 1
+        for ref in refs[1:]:
+            store.resolve_coefficients(ref)
+        assert metric(c, "residual_coefficient_cache_sets") == 2
+        assert metric(c, "residual_coefficient_cache_evictions_total") == 2
+        assert 0 < metric(c, "residual_coefficient_cache_bytes") <= limit
+        assert refs[0] not in store.coefficients and refs[3] in store.coefficients  # least recently used went
+        good = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+        r = c.post("/classify", json={"images": [good], "coefficients": "lru-0"})  # evicted sets load again
+        assert r.status_code == 200 and r.json()["coefficients"] == refs[0]
+        assert metric(c, "residual_coefficient_sets_loaded_total") == 5
+
+
+class _SlowCallbacks(logging.Handler):
+    """Collects asyncio's debug-mode reports of callbacks that held the event loop too long."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.slow: list[float] = []
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("Executing") and "took" in record.msg:
+            self.slow.append(float(record.args[-1]))  # type: ignore[index]
+            self.messages.append(record.getMessage()[:300])
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_no_callback_holds_the_event_loop_over_50_ms_under_load(tmp_path: Path, redis_server) -> None:
+    """The API in a real uvicorn server on an asyncio loop in debug mode (slow_callback_duration = 50 ms) under
+    mixed load: JSON and multipart classify, a coefficient set, label sets, metrics scrapes (Redis job counts),
+    coefficient listings, head spectra, job submissions and readiness. asyncio reports every callback over 50 ms."""
+    _write_sets(tmp_path, 1)
+    settings = make_settings(tmp_path, redis_server.url)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    handler = _SlowCallbacks()
+    logging.getLogger("asyncio").addHandler(handler)
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.05
+        loop.run_until_complete(server.serve())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            wait_for(lambda: _ready(c), 120, "the server to be ready")
+            handler.slow.clear()  # start-up (imports, model load on its own thread) is not under test
+            handler.messages.clear()
+            images = tasks.task_images("colour", "test", n=64)[0]
+            blobs = [_png(a) for a in images]
+            deadline = time.monotonic() + 12
+
+            def classify_json(i: int) -> list[int]:
+                codes = []
+                while time.monotonic() < deadline:
+                    body = {"images": [png_b64(a) for a in images[i : i + 8]], "label_set": LABELS}
+                    if i % 2:
+                        body["coefficients"] = "lru-0"
+                    codes.append(c.post("/classify", json=body).status_code)
+                return codes
+
+            def classify_multipart(i: int) -> list[int]:
+                codes = []
+                while time.monotonic() < deadline:
+                    files = [("images", (f"{j}.png", blobs[(i + j) % 64], "image/png")) for j in range(8)]
+                    codes.append(c.post("/classify", files=files,
+                                        data={"label_set": '{"classes": ["red", "green", "blue"]}'}).status_code)
+                return codes
+
+            def admin(_: int) -> list[int]:
+                codes = []
+                k = 0
+                while time.monotonic() < deadline:
+                    k += 1
+                    codes += [c.get("/metrics").status_code, c.get("/coefficients").status_code,
+                              c.get("/readyz").status_code,
+                              c.post("/label-sets", json={"classes": [f"a{k}", f"b{k}"]}).status_code,
+                              c.post("/fit-alignment", json={"name": "loop-check", "dataset": "world:colour",
+                                                             "variant": "coarse"}).status_code]
+                    if k == 1:
+                        codes += [c.get("/heads").status_code, c.get("/heads/2/1?atoms=3").status_code]
+                return codes
+
+            with ThreadPoolExecutor(7) as pool:
+                futures = [pool.submit(classify_json, i) for i in range(0, 32, 8)]
+                futures += [pool.submit(classify_multipart, i) for i in (0, 20)]
+                futures.append(pool.submit(admin, 0))
+                codes = [code for f in futures for code in f.result()]
+        assert len(codes) > 30 and set(codes) <= {200, 201, 202}, sorted(set(codes))
+        assert handler.slow == [], "\n".join(handler.messages[:5])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        logging.getLogger("asyncio").removeHandler(handler)
+
+
+def _ready(c: httpx.Client) -> bool:
+    try:
+        return c.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
