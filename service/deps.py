@@ -30,6 +30,7 @@ from service.errors import (
 from service.heads import HeadService
 from service.metrics import Metrics
 from service.model_store import DEFAULT_TEMPLATES, ModelStore
+from service.pipeline import ImagePipeline
 from service.pools import ModelOwner, Pool
 from service.schemas import LabelSet
 from service.settings import Settings
@@ -51,8 +52,10 @@ class Runtime:
     owner: ModelOwner  # the one thread that runs every forward of the model
     io: Pool  # short blocking work: files, Redis, decoding, the fused matmul
     analysis: Pool  # long head analyses (basis build, spectra), kept apart so they never starve io
+    decode: Pool  # image decoding and preprocessing, one thread per core
     artifacts: ArtifactStore
     store: ModelStore | None = None
+    images: ImagePipeline | None = None
     text: TextCache | None = None
     batcher: Batcher | None = None
     heads: HeadService | None = None
@@ -72,17 +75,19 @@ class Runtime:
             self.batcher.fail_pending(BackendUnavailable("the service is shutting down"))
         self.owner.stop()
         self.analysis.stop()
+        self.decode.stop()
 
     def problem(self) -> ServiceError | None:
         """Why this replica cannot serve now, or None. ``/readyz`` and every route use exactly this predicate."""
         if self.draining:
             return ShuttingDown("the service is shutting down; retry on another replica", headers={"Retry-After": "5"})
-        if self.store is None or self.batcher is None or self.text is None or self.heads is None:
+        if (self.store is None or self.batcher is None or self.text is None or self.heads is None
+                or self.images is None):
             return NotReady("the model is still loading" if self.load_error is None else
                             f"the model failed to load: {self.load_error}", headers={"Retry-After": "5"})
         if not self.batcher.healthy:
             return NotReady("the batcher is restarting", headers={"Retry-After": "1"})
-        if not (self.owner.alive and self.io.alive and self.analysis.alive):
+        if not (self.owner.alive and self.io.alive and self.analysis.alive and self.decode.alive):
             return NotReady("a worker thread pool is down", headers={"Retry-After": "5"})
         return None
 

@@ -34,6 +34,7 @@ from service.errors import error_body, install
 from service.heads import HeadService
 from service.metrics import JobsCollector, Metrics
 from service.model_store import ModelStore, label_set_id
+from service.pipeline import ImagePipeline, decode_threads
 from service.pools import ModelOwner, Pool
 from service.routes import classify, coefficients, datasets, heads, health, jobs
 from service.schemas import ClassifyRequest
@@ -132,7 +133,8 @@ def backbone_forward(store: ModelStore, pixels: torch.Tensor) -> tuple[RawFeatur
     """One batched forward: pinned host memory and bf16 autocast on CUDA, plain fp32 on the CPU."""
     bb = store.backbone
     if bb.device.type == "cuda":
-        pixels = pixels.pin_memory().to(bb.device, non_blocking=True)
+        if pixels.device != bb.device:  # the pil pipeline hands over host memory: pinned, asynchronous copy
+            pixels = pixels.pin_memory().to(bb.device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return extract(bb, pixels)
     return extract(bb, pixels)
@@ -173,7 +175,8 @@ def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
     def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
         return text.class_embeddings(label_set_id(weights, texts, ["{}"]), texts, ["{}"])
 
-    return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis, s.max_batch_size,
+    return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis,
+                       s.batch_size_for(store.backbone.device.type),
                        s.heads_sample_images, rt.artifacts, dictionary_embeddings, s.text_dictionary,
                        s.reference_basis_images, rt.metrics.reference_basis_images.inc)
 
@@ -186,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                       jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
                                                       socket_connect_timeout=1.0),
                       owner=ModelOwner(), io=Pool(settings.io_threads, "io"), analysis=Pool(2, "analysis"),
+                      decode=Pool(decode_threads(settings.decode_threads), "decode"),
                       artifacts=ArtifactStore(settings.artifact_dir))
 
     @asynccontextmanager
@@ -196,9 +200,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.owner.run(_load, runtime)
             if runtime.store is not None and not runtime.draining:
                 store = runtime.store
+                device = store.backbone.device.type
+                runtime.images = ImagePipeline(store.backbone, runtime.decode, decode_threads(settings.decode_threads),
+                                               settings.max_image_pixels, settings.image_pipeline)
                 runtime.batcher = Batcher(lambda px: backbone_forward(store, px), runtime.owner,
-                                          settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
-                                          settings.batching, metrics)
+                                          settings.batch_size_for(device), settings.max_wait_ms / 1000,
+                                          settings.max_queue, settings.batching, metrics)
                 runtime.batcher.start()
                 runtime.heads = _head_service(runtime, store)
 
@@ -213,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.owner.stop()
             runtime.io.stop()
             runtime.analysis.stop()
+            runtime.decode.stop()
             runtime.redis.client.close()
             runtime.jobs_redis.close()
 

@@ -38,10 +38,16 @@ class Settings(BaseSettings):
     label_set_cache_size: PositiveInt = Field(256, description="class-embedding matrices kept in process (LRU)")
 
     max_images: PositiveInt = Field(64, description="images per /classify request")
-    max_batch_size: PositiveInt = Field(64, description="images per backbone forward (cross-request batching)")
+    max_batch_size: PositiveInt | None = Field(
+        None, description="images per backbone forward (cross-request batching); default 64 on CPU, 256 on CUDA")
     max_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     batching: bool = Field(True, description="merge concurrent requests into one backbone batch")
-    max_queue: PositiveInt = Field(256, description="images waiting for the backbone before 429")
+    max_queue: PositiveInt = Field(512, description="images waiting for the backbone before 429")
+    image_pipeline: Literal["auto", "pil", "tensor"] = Field(
+        "auto", description="decode and preprocess: pil (open_clip's exact transform, per image, in parallel), "
+                            "tensor (batched JPEG decode and tensor resize on the model's device: nvJPEG on CUDA), "
+                            "auto = tensor on CUDA, pil on CPU")
+    decode_threads: int = Field(0, ge=0, description="threads decoding and preprocessing images (0: the cores)")
     request_timeout_s: PositiveFloat = Field(30.0, description="per-request deadline before 504")
     max_request_bytes: PositiveInt = Field(16 * 1024 * 1024, description="request body limit (413)")
     max_image_pixels: PositiveInt = Field(40_000_000, description="decoded pixel ceiling per image (413)")
@@ -101,6 +107,10 @@ class Settings(BaseSettings):
                              "generate one with `openssl rand -hex 32`")
         return v
 
+
+    def batch_size_for(self, device_type: str) -> int:
+        """max_batch_size, or the default of the device (64 on CPU, 256 on CUDA)."""
+        return self.max_batch_size or (256 if device_type == "cuda" else 64)
 
     @property
     def jobs_redis_url(self) -> str:

@@ -35,8 +35,14 @@ def test_library_smoke(tmp_path: Path) -> None:
 
 def test_service_smoke(tmp_path: Path) -> None:
     result = _run("bench/serving.py", "--smoke", tmp=tmp_path)
-    for row in result["rows"].values():
+    assert {(r["transport"], r["batching"]) for r in result["rows"]} == {
+        (t, b) for t in ("json", "multipart") for b in (True, False)}
+    for row in result["rows"]:
         assert row["requests"] > 0 and row["errors"] == 0
+        assert {"clients", "transport", "format", "batching", "images_per_s", "p50_ms", "p95_ms", "p99_ms",
+                "vs_in_process"} <= set(row)
+        assert row["vs_in_process"] > 0
+    assert result["in_process_images_per_s"]
 
 
 def test_backbone_smoke(tmp_path: Path) -> None:
