@@ -14,7 +14,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import numpy as np
 import redis
@@ -22,6 +21,7 @@ import torch
 
 from residual.classifier import fill_templates, prompt_embeddings_to_classes
 from service.metrics import Metrics
+from service.pools import SingleFlight
 
 __all__ = ["RedisState", "TextCache", "decode_array", "encode_array", "queue_policy_warning"]
 
@@ -88,7 +88,7 @@ class TextCache:
         self.lru_size = lru_size
         self.metrics = metrics
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._inflight: dict[str, Future[torch.Tensor]] = {}
+        self._flight: SingleFlight[str, torch.Tensor] = SingleFlight()
         self._lock = threading.Lock()
 
     def _key(self, kind: str, ident: str) -> str:
@@ -104,29 +104,20 @@ class TextCache:
         Single flight: concurrent callers for one label set share one lookup and at most one encoding. The
         encoder itself runs on the model owner (one forward at a time), which bounds encoding concurrency.
         """
+        emb, how = self._flight.get(label_set_id, lambda: self._memory(label_set_id),
+                                    lambda: self._lookup_or_encode(label_set_id, classes, templates))
+        if how == "hit":
+            self.metrics.text_cache_lookups.labels(tier="memory").inc()
+        elif how == "shared":
+            self.metrics.text_encodes_shared.inc()
+        return emb
+
+    def _memory(self, label_set_id: str) -> torch.Tensor | None:
         with self._lock:
             hit = self._lru.get(label_set_id)
             if hit is not None:
                 self._lru.move_to_end(label_set_id)
-                self.metrics.text_cache_lookups.labels(tier="memory").inc()
-                return hit
-            fut = self._inflight.get(label_set_id)
-            leader = fut is None
-            if fut is None:
-                fut = self._inflight[label_set_id] = Future()
-        if not leader:
-            self.metrics.text_encodes_shared.inc()
-            return fut.result()
-        try:
-            emb = self._lookup_or_encode(label_set_id, classes, templates)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                del self._inflight[label_set_id]
-        fut.set_result(emb)
-        return emb
+            return hit
 
     def _lookup_or_encode(self, label_set_id: str, classes: list[str], templates: list[str]) -> torch.Tensor:
         mkey = self._key("classes", label_set_id)

@@ -13,7 +13,6 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from residual.tiny.reference import shipped_basis_path
 from service.artifacts import ID_PATTERN, VERSION_PATTERN, ArtifactStore
 from service.errors import InvalidRequest, NotFound
 from service.metrics import Metrics
+from service.pools import SingleFlight
 from service.settings import Settings
 
 __all__ = ["DEFAULT_TEMPLATES", "ID_PATTERN", "CoefficientCache", "LoadedCoefficients", "ModelStore", "label_set_id"]
@@ -70,8 +70,8 @@ class CoefficientCache:
         self.metrics = metrics
         self._entries: OrderedDict[str, LoadedCoefficients] = OrderedDict()
         self._bytes = 0
-        self._inflight: dict[str, Future[LoadedCoefficients]] = {}
         self._lock = threading.Lock()
+        self._flight: SingleFlight[str, LoadedCoefficients] = SingleFlight()
         self._slots = threading.BoundedSemaphore(concurrency)
 
     @property
@@ -82,28 +82,20 @@ class CoefficientCache:
         return ref in self._entries
 
     def get_or_load(self, ref: str, load: Callable[[], LoadedCoefficients]) -> LoadedCoefficients:
+        loaded, how = self._flight.get(ref, lambda: self._lookup(ref), lambda: self._load(ref, load))
+        self.metrics.coefficient_cache_lookups.labels(result=how).inc()
+        return loaded
+
+    def _lookup(self, ref: str) -> LoadedCoefficients | None:
         with self._lock:
             hit = self._entries.get(ref)
             if hit is not None:
                 self._entries.move_to_end(ref)
-                self.metrics.coefficient_cache_lookups.labels(result="hit").inc()
-                return hit
-            fut = self._inflight.get(ref)
-            leader = fut is None
-            if fut is None:
-                fut = self._inflight[ref] = Future()
-        if not leader:
-            self.metrics.coefficient_cache_lookups.labels(result="shared").inc()
-            return fut.result()
-        self.metrics.coefficient_cache_lookups.labels(result="miss").inc()
-        try:
-            with self._slots:
-                loaded = load()
-        except BaseException as exc:
-            with self._lock:
-                del self._inflight[ref]
-            fut.set_exception(exc)
-            raise
+            return hit
+
+    def _load(self, ref: str, load: Callable[[], LoadedCoefficients]) -> LoadedCoefficients:
+        with self._slots:  # at most `concurrency` sets load at once
+            loaded = load()
         with self._lock:
             self._entries[ref] = loaded
             self._bytes += loaded.nbytes
@@ -111,10 +103,8 @@ class CoefficientCache:
                 _, old = self._entries.popitem(last=False)
                 self._bytes -= old.nbytes
                 self.metrics.coefficient_cache_evictions.inc()
-            del self._inflight[ref]
             self.metrics.coefficient_cache_bytes.set(self._bytes)
             self.metrics.coefficient_cache_sets.set(len(self._entries))
-        fut.set_result(loaded)
         return loaded
 
 

@@ -16,15 +16,16 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from service.errors import BackendUnavailable
 
-__all__ = ["ModelOwner", "Pool"]
+__all__ = ["ModelOwner", "Pool", "SingleFlight"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
 _STOP = object()
 
 
@@ -125,3 +126,37 @@ class ModelOwner(Pool):
         """For long chunked work: stop between chunks once the service is shutting down."""
         if self.stopping:
             raise BackendUnavailable("the service is shutting down")
+
+
+class SingleFlight(Generic[K, T]):
+    """Concurrent callers for one key share one computation (the first computes, the others wait for it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inflight: dict[K, Future[T]] = {}
+
+    def get(self, key: K, lookup: Callable[[], T | None], compute: Callable[[], T]) -> tuple[T, str]:
+        """(value, how): ``lookup()`` under the lock ("hit"), else wait for a computation in flight ("shared"),
+        else ``compute()`` here ("miss"). ``compute`` must make ``lookup`` succeed before it returns, so a caller
+        arriving right after it ends finds the value instead of computing it again."""
+        with self._lock:
+            hit = lookup()
+            if hit is not None:
+                return hit, "hit"
+            fut = self._inflight.get(key)
+            leader = fut is None
+            if fut is None:
+                fut = self._inflight[key] = Future()
+        if not leader:
+            return fut.result(), "shared"
+        try:
+            value = compute()
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[key]
+            fut.set_exception(exc)
+            raise
+        with self._lock:
+            del self._inflight[key]
+        fut.set_result(value)
+        return value, "miss"
