@@ -53,7 +53,7 @@ def run(n_score: int, n_eval: int, n_sample: int, seeds: int) -> dict[str, Any]:
         best = rep["top_heads"]["text_correlation"][0]
         unit = 1 + g.layers + best["layer"] * g.heads + best["head"]
         desc = describe_head(sample[:, unit], dic, k=5)
-        i10 = rep["ablation"]["fractions"].index(0.10)
+        i10 = rep["ablation"]["k"].index(max(1, g.layers * g.heads * 10 // 100))  # the reference's 10 % point
         out["tasks"][name] = {**rep, "best_head_description": desc.named(texts),
                               "top10_text_correlation": rep["ablation"]["text_correlation"][i10],
                               "top10_supervised": rep["ablation"]["supervised"][i10],

@@ -250,9 +250,23 @@ def fit(
         "zero_shot_val_accuracy": zero_shot_val, "val_accuracy": best_acc, "history": history,
         "feature_prep_s": round(extract_s, 3), "wall_time_s": round(time.perf_counter() - started, 3),
     }
+    report["deviations"] = _deviations(config, best_epoch)
     if test is not None and test_design is not None:
         report["zero_shot_test_accuracy"] = _accuracy(_Design(plain, None, test[0], ln), plain_params, test[1],
                                                       class_emb, logit_scale.to(dev))
         report["test_accuracy"] = _accuracy(test_design, best, test[1], class_emb, logit_scale.to(dev))
     cs.report = report
     return FitResult(coefficients=cs, report=report)
+
+
+def _deviations(config: FitConfig, best_epoch: int) -> list[str]:
+    """The deliberate differences from the reference code that shaped this fit, in words (for the report)."""
+    out = ["best epoch by validation accuracy, the initial coefficients counted as epoch 0: a fit never ends "
+           "below its starting point on validation" + (" (here no epoch beat it: best_epoch 0, the initial "
+                                                       "coefficients were kept)" if best_epoch == 0 else "")]
+    if config.variant == "linear":
+        out.append("the linear baseline starts from the identity (y = z), i.e. from zero-shot behaviour")
+    if config.variant == "full" and not config.add_mean:
+        out.append("full with add_mean=False: unit means dropped as in the reference, but each unit's component "
+                   "outside its stored basis still passes through (padding 1); the reference drops it")
+    return out

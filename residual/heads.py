@@ -34,6 +34,7 @@ __all__ = [
     "HeadScores",
     "UnitSpectrum",
     "ablation_curve",
+    "reference_ks",
     "describe_component",
     "describe_head",
     "head_alignment",
@@ -44,6 +45,16 @@ __all__ = [
 ]
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.10, 0.25, 0.50)
+"""Fractions the API offers as examples; the default curve uses :func:`reference_ks` (the reference's points)."""
+
+
+def reference_ks(n_heads: int) -> list[int]:
+    """The top-k points of the reference code: k in {1, max(2, 1%), 5%, 10%, 25%, 50%, 75%} of N (floors).
+
+    Sorted, without repeats, each between 1 and N: for N = 144 (ViT-B) [1, 2, 7, 14, 36, 72, 108].
+    """
+    ks = [1, max(2, n_heads // 100)] + [n_heads * p // 100 for p in (5, 10, 25, 50, 75)]
+    return sorted({min(n_heads, max(1, k)) for k in ks})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,15 +158,17 @@ def _accuracy(y: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor, lo
 
 def ablation_curve(units: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor,
                    logit_scale: torch.Tensor | float, rankings: dict[str, torch.Tensor], n_heads: int,
-                   fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int = 10, ablation: str = "mean"
+                   fractions: Sequence[float] | None = None, seeds: int = 10, ablation: str = "mean"
                    ) -> dict[str, Any]:
-    """Accuracy keeping only the top fraction of heads, every other unit ablated (paper-spec 4.3).
+    """Accuracy keeping only the top k heads, every other unit ablated (paper-spec 4.3).
 
     Args:
         units: (n, U, d) output-space units of the evaluation images, heads last (paper order).
         rankings: score name -> (R,) head indices best first (R = ``n_heads``).
+        fractions: None for the reference's points (:func:`reference_ks`), or fractions of the heads
+            (k = round(fraction * N), at least 1).
         ablation: "mean" (an ablated unit becomes its mean over ``units``) or "zero".
-    Returns ``{"fractions", "k", "<score>": [acc per fraction], "random": [mean], "random_std": [...],
+    Returns ``{"fractions" (k / N), "k", "points", "<score>": [acc per k], "random": [mean], "random_std": [...],
     "all_units": acc, "heads_only": acc}``.
     """
     if ablation not in ("mean", "zero"):
@@ -171,8 +184,15 @@ def ablation_curve(units: torch.Tensor, labels: torch.Tensor, class_emb: torch.T
         y = ablated + delta[:, first_head + head_idx].sum(1)  # (n, k, d) -> (n, d)
         return _accuracy(y, labels, class_emb, logit_scale)
 
-    ks = [max(1, round(f * n_heads)) for f in fractions]
-    out: dict[str, Any] = {"fractions": list(fractions), "k": ks, "ablation": ablation}
+    if fractions is None:
+        ks = reference_ks(n_heads)
+        fractions = [k / n_heads for k in ks]
+        points = "reference: k in {1, max(2, 1%), 5%, 10%, 25%, 50%, 75%} of the heads (floors)"
+    else:
+        ks = [max(1, round(f * n_heads)) for f in fractions]
+        points = "requested fractions"
+    out: dict[str, Any] = {"fractions": [round(f, 6) for f in fractions], "k": ks, "points": points,
+                           "ablation": ablation}
     for name, order in rankings.items():
         out[name] = [acc_keeping(order[:k]) for k in ks]
     gen = torch.Generator().manual_seed(0)
@@ -242,17 +262,19 @@ def somp(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, criterion: str 
 
 
 def textspan(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, rank: int = 80) -> Description:
-    """TextSpan (Gandelsman et al.; paper-spec 4.4): greedy atoms of largest projected variance.
+    """TextSpan (Gandelsman et al., Algorithm 1; paper-spec 4.4), as the authors' code implements it.
 
-    The dictionary is first projected on the span of the top ``rank`` right singular vectors of the centred
-    ``x`` (n, d); each step takes the atom whose projections vary most over n, removes its direction from the
-    data and from the remaining atoms. Weights are the variance each atom explained when it was taken.
+    The dictionary is projected on the span of the top ``rank`` right singular vectors of the *uncentred* ``x``
+    (n, d); the data are then centred. Each step takes the atom whose projections ``x @ atom`` (on the projected
+    atom as it is, *not* normalised: an atom mostly outside the span has short projections) have the largest std
+    over n, removes that atom's direction from the data and from the remaining atoms. Weights are the variance
+    each atom explained when it was taken.
     """
     x = x.double()
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # uncentred, as the reference; vh (min(n, d), d)
+    vr = vh[: min(rank, vh.shape[0])]  # (r, d) orthonormal rows
+    dic = dictionary.double() @ vr.T @ vr  # (m, d) -> (m, r) -> (m, d): projection on the span
     x = x - x.mean(0)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh (min(n, d), d)
-    vr = vh[: min(rank, vh.shape[0])]  # (r, d)
-    dic = dictionary.double() @ vr.T @ vr  # (m, d) -> (m, r) -> (m, d)
     total = float((x * x).sum())
     resid = x.clone()
     chosen: list[int] = []
@@ -260,19 +282,16 @@ def textspan(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, rank: int =
     explained: list[float] = []
     k = min(k, dic.shape[0])
     for _ in range(k):
-        norms = dic.norm(dim=-1)  # (m,)
-        proj = resid @ dic.T / norms.clamp_min(1e-12)  # (n, m) projections on unit atoms
-        var = proj.var(0, unbiased=False)
-        var[norms < 1e-9] = -math.inf
+        std = (resid @ dic.T).std(0)  # (n, m) projections on the unnormalised atoms -> (m,)
         if chosen:
-            var[chosen] = -math.inf
-        j = int(var.argmax())
-        if not math.isfinite(float(var[j])):
+            std[chosen] = -math.inf  # their projections are 0 after the removal; never taken twice
+        j = int(std.argmax())
+        norm2 = float(dic[j] @ dic[j])
+        if not math.isfinite(float(std[j])) or norm2 < 1e-18:
             break
-        v = dic[j] / norms[j]  # (d,)
         before = float((resid * resid).sum())
-        resid = resid - (resid @ v)[:, None] * v[None, :]
-        dic = dic - (dic @ v)[:, None] * v[None, :]
+        resid = resid - (resid @ dic[j] / norm2)[:, None] * dic[j][None, :]  # remove the atom's direction
+        dic = dic - (dic @ dic[j] / norm2)[:, None] * dic[j][None, :]  # orthogonalise the remaining atoms
         chosen.append(j)
         weights.append((before - float((resid * resid).sum())) / total if total > 0 else 0.0)
         explained.append(_explained(x, resid))
@@ -304,7 +323,7 @@ def describe_component(component: torch.Tensor, dictionary: torch.Tensor, k: int
 def head_alignment(units: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor,
                    logit_scale: torch.Tensor | float, n_layers: int, n_heads_per_layer: int,
                    eval_units: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
-                   fractions: Sequence[float] = DEFAULT_FRACTIONS, seeds: int = 10, ablation: str = "mean",
+                   fractions: Sequence[float] | None = None, seeds: int = 10, ablation: str = "mean",
                    top: int = 5) -> dict[str, Any]:
     """Head scores on (``units``, ``labels``) and the ablation curve on the evaluation set (paper-spec 4.3).
 

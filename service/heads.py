@@ -29,7 +29,7 @@ from PIL import Image
 
 from residual import Backbone, Basis, LinearisedLN, RawFeatures, decompose, project_units
 from residual.dictionary import load_dictionary
-from residual.heads import DEFAULT_FRACTIONS, describe_component, describe_head, head_alignment, unit_spectra
+from residual.heads import describe_component, describe_head, head_alignment, unit_spectra
 from residual.spectral import k_at, participation_ratio
 from residual.tiny import tasks
 from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_images
@@ -70,7 +70,7 @@ def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torc
     g = bb.geometry
     p = spec.get("params", {})
     report = head_alignment(units, labels, class_emb, bb.logit_scale, g.layers, g.heads, eval_units, eval_labels,
-                            fractions=p.get("fractions") or DEFAULT_FRACTIONS, seeds=p.get("seeds", 10),
+                            fractions=p.get("fractions"), seeds=p.get("seeds", 10),
                             ablation=p.get("ablation", "mean"), top=p.get("top", 5))
     if split:
         report["split"] = split

@@ -52,7 +52,9 @@ class AlignmentRequest(BaseModel):
     dataset: InlineDataset | str = Field(..., description="inline images, a dataset id, or 'world:<task>'")
     world_sizes: AlignmentSizes | None = None
     fractions: list[float] | None = Field(None, min_length=1, max_length=10,
-                                          description="fractions of heads kept (default 1, 5, 10, 25, 50 %)")
+                                          description="fractions of heads kept; default: the reference's top-k "
+                                                      "points k in {1, max(2, 1%), 5%, 10%, 25%, 50%, 75%} of the "
+                                                      "heads (floors)")
     seeds: int = Field(10, ge=1, le=50, description="random head sets per fraction")
     ablation: Literal["mean", "zero"] = Field("mean", description="what an ablated unit becomes")
     top: int = Field(5, ge=1, le=100, description="top heads listed per score")

@@ -82,9 +82,15 @@ def test_other_variants_run(tiny, fit_task, variant: str) -> None:
 
 
 def test_progress_and_cancellation(tiny, fit_task) -> None:
-    seen = []
-    _fit(tiny, fit_task, variant="coarse", max_epochs=2, patience=10)
     task, data, cls, basis, ln = fit_task
+    reports: list[dict] = []
+    res = fit((data["train"][0], data["train"][1]), cls, tiny.logit_scale, basis, ln, list(task.classes),
+              list(task.templates), FitConfig(variant="coarse", max_epochs=2, patience=10), val=data["val"][:2],
+              progress=reports.append)
+    assert [r["epoch"] for r in reports] == [1, 2] and all(r["max_epochs"] == 2 for r in reports)
+    assert reports[-1]["best_val_accuracy"] == res.report["val_accuracy"]  # the last report knows the best so far
+    assert [h["epoch"] for h in res.report["history"]] == [0, 1, 2]  # epoch 0: the initial coefficients
+    seen: list[dict] = []
     with pytest.raises(FitCancelledError):
         fit((data["train"][0], data["train"][1]), cls, tiny.logit_scale, basis, ln, list(task.classes),
             list(task.templates), FitConfig(variant="full", max_epochs=5), val=data["val"][:2],
@@ -104,3 +110,15 @@ def test_stratified_split_and_bad_inputs(tiny, fit_task) -> None:
     with pytest.raises(FitError, match="2 classes"):
         fit((data["train"][0], torch.zeros_like(data["train"][1])), cls, tiny.logit_scale, basis, ln,
             list(task.classes), list(task.templates))
+
+
+def test_the_report_names_the_deliberate_deviations(tiny, fit_task) -> None:
+    task, data, cls, basis, ln = fit_task
+    kept = _fit(tiny, fit_task, variant="full", max_epochs=1, patience=1, lr=1e-9)  # lr too small to move lambdas
+    assert kept.report["best_epoch"] == 0
+    assert any("best_epoch 0" in d for d in kept.report["deviations"])
+    assert torch.equal(kept.coefficients.lambdas, torch.ones_like(kept.coefficients.lambdas))  # the initial ones
+    linear = _fit(tiny, fit_task, variant="linear", max_epochs=1, patience=1)
+    assert any("identity" in d for d in linear.report["deviations"])
+    no_mean = _fit(tiny, fit_task, variant="full", max_epochs=1, patience=1, add_mean=False)
+    assert any("outside its stored basis" in d for d in no_mean.report["deviations"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +126,57 @@ def test_pictures_are_png() -> None:
                         "random_std": [0.1, 0.1], "all_units": 0.95}, "ablation", ["supervised"])
     for png in (heat, curves, abl):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def _reference_textspan(data: np.ndarray, text: np.ndarray, iters: int, rank: int) -> list[int]:
+    """An independent transcription of the authors' loop (clip_text_span, ``replace_with_iterative_removal``):
+    SVD of the uncentred data, atoms projected on the span, data centred, argmax of the std of the projections
+    on the unnormalised atoms, removal from the data and from the atoms."""
+    _, _, vh = np.linalg.svd(data, full_matrices=False)
+    vh = vh[:rank]
+    text = vh.T.dot(np.linalg.inv(vh.dot(vh.T)).dot(vh)).dot(text.T).T
+    data = data - data.mean(axis=0, keepdims=True)
+    chosen = []
+    for _ in range(iters):
+        top = int(np.argmax((data @ text.T).std(axis=0, ddof=1)))
+        chosen.append(top)
+        norm = text[top] @ text[top]
+        data = data - (data @ text[top] / norm)[:, None] * text[top][None, :]
+        text = text - (text @ text[top] / norm)[:, None] * text[top][None, :]
+    return chosen
+
+
+def test_textspan_prefers_atoms_inside_the_span_like_the_reference() -> None:
+    """The issue's minimal case: std 1 along e0, 0.5 along e1, rank 2. a1 is 91 % outside the span; normalising
+    the projected atoms made it win; the reference's unnormalised projections pick a0."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(2000, 2, generator=gen)
+    x = torch.zeros(2000, 3)
+    x[:, 0], x[:, 1] = z[:, 0], 0.5 * z[:, 1]
+    atoms = torch.tensor([[0.9, 0.436, 0.0], [0.3, 0.0, 0.954]])
+    assert textspan(x, atoms, k=1, rank=2).atoms == [0]
+    assert _reference_textspan(x.double().numpy(), atoms.double().numpy(), 1, 2) == [0]
+
+
+def test_textspan_matches_an_independent_transcription_of_the_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for n, d, m, r in ((300, 32, 200, 12), (500, 64, 400, 80), (120, 16, 50, 16)):
+        basis = torch.randn(r, d, generator=gen)
+        x = torch.randn(n, r, generator=gen) @ basis + 0.3 * torch.randn(d, generator=gen)  # low rank, off-centre
+        dic = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=-1)
+        ours = textspan(x, dic, k=10, rank=r).atoms
+        assert ours == _reference_textspan(x.double().numpy(), dic.double().numpy(), 10, r), (n, d, m, r)
+
+
+def test_ablation_points_follow_the_reference() -> None:
+    from residual.heads import reference_ks
+
+    assert reference_ks(144) == [1, 2, 7, 14, 36, 72, 108]  # ViT-B: 12 x 12 heads
+    assert reference_ks(384) == [1, 3, 19, 38, 96, 192, 288]  # ViT-L: 24 x 16
+    assert reference_ks(24) == [1, 2, 6, 12, 18]  # residual-tiny: 5 % and 10 % floor to 1 and 2
+    gen = torch.Generator().manual_seed(0)
+    units = torch.randn(40, 1 + 24, 8, generator=gen)
+    labels = torch.arange(40) % 2
+    curve = ablation_curve(units, labels, torch.randn(2, 8, generator=gen), 1.0, {"any": torch.arange(24)}, 24)
+    assert curve["k"] == [1, 2, 6, 12, 18] and curve["fractions"] == [round(k / 24, 6) for k in curve["k"]]
+    assert curve["points"].startswith("reference")
