@@ -46,10 +46,9 @@ AlignmentData = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Ten
 def load_alignment_data(spec: dict[str, Any], bb: Backbone, datasets_dir: Path) -> AlignmentData:
     """(score pixels, score labels, eval pixels or None, eval labels or None, split description)."""
     if spec.get("world"):
-        w = spec["world"]
-        size = bb.geometry.image_size
-        s_img, s_lab, _ = tasks.task_images(w["task"], "val", n=w["score"], side=size)
-        e_img, e_lab, _ = tasks.task_images(w["task"], "test", n=w["eval"], side=size)
+        w = spec["world"]  # rendered at the world's size; pixels_from_arrays resizes them as one batch
+        s_img, s_lab, _ = tasks.task_images(w["task"], "val", n=w["score"])
+        e_img, e_lab, _ = tasks.task_images(w["task"], "test", n=w["eval"])
         return (bb.pixels_from_arrays(s_img), torch.from_numpy(s_lab), bb.pixels_from_arrays(e_img),
                 torch.from_numpy(e_lab), "world task: scores on the val split, ablation on the test split")
     folder = datasets_dir / spec["dataset_id"]
@@ -137,7 +136,7 @@ class HeadService:
 
     async def sample(self) -> torch.Tensor:
         if self._sample is None:
-            images = await self.io.run(reference_images, self.sample_images, self.bb.geometry.image_size)
+            images = await self.io.run(reference_images, self.sample_images)  # world size; resized below
             pixels = await self.io.run(self.bb.pixels_from_arrays, images)
             self._sample = await self.units(pixels)
         return self._sample

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from residual import Backbone
+from residual.backbone import resize_crop
 from service.errors import PayloadTooLarge
 from service.images import ALLOWED_FORMATS, decode_image
 from service.pools import Pool
@@ -134,15 +135,7 @@ class ImagePipeline:
 
     def _resize_crop(self, t: torch.Tensor) -> torch.Tensor:
         """(3, h, w) uint8 -> (3, S, S) uint8: shortest side to S (antialiased), centre crop."""
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
-        s = self.size
-        if tuple(t.shape[1:]) != (s, s):
-            mode = InterpolationMode.BICUBIC if self._interpolation == "bicubic" else InterpolationMode.BILINEAR
-            t = TF.resize(t, [s], interpolation=mode, antialias=True)
-            t = TF.center_crop(t, [s, s])
-        return t
+        return resize_crop(t, self.size, self._interpolation)
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """(n, 3, S, S) uint8 -> float32 normalised with the model's mean and std."""

@@ -99,15 +99,26 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
         return {split: (RawFeatures(tensors[f"{split}.emb"], tensors[f"{split}.mlp"], tensors[f"{split}.heads"],
                                     tensors[f"{split}.pre_ln"]), tensors[f"{split}.labels"])
                 for split in meta["splits"]}
-    splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     FEATURE_CACHE.labels(result="miss").inc()
-    _progress(phase="decoding", fraction=0.0, feature_cache="miss")
+    out: dict[str, tuple[RawFeatures, torch.Tensor]] = {}
     if spec.get("world"):
+        # rendered at the world's own size 256 images at a time, resized to the model's input as one batch and
+        # extracted right away: progress moves from the first chunk, memory holds one chunk of pixels
         w = spec["world"]
+        total = sum(int(w[split]) for split in ("train", "val", "test"))
+        done = 0
+        _progress(phase="rendering", fraction=0.0, feature_cache="miss")
         for split in ("train", "val", "test"):
-            images, labels, _ = tasks.task_images(w["task"], split, n=w[split], side=bb.geometry.image_size)
-            splits[split] = (bb.pixels_from_arrays(images), torch.from_numpy(labels))
+            labels, chunks = tasks.task_image_chunks(w["task"], split, n=w[split], chunk=256)
+            parts = []
+            for images in chunks:
+                parts.append(extract_batched(bb, bb.pixels_from_arrays(images))[0].to("cpu"))
+                done += len(images)
+                _progress(phase="rendering", fraction=round(done / total, 3))
+            out[split] = (RawFeatures.cat(parts), torch.from_numpy(labels))
+        _progress(phase="extracting features", fraction=1.0)
     else:
+        _progress(phase="decoding", fraction=0.0, feature_cache="miss")
         folder = artifacts.datasets_dir / spec["dataset_id"]
         manifest = json.loads((folder / "manifest.json").read_text())
         pixels, labels = [], []
@@ -118,17 +129,12 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
             labels.append(spec["class_map"][manifest["classes"][idx]])
             if n % 100 == 0:
                 _progress(phase="decoding", fraction=round(n / len(manifest["files"]), 3))
-        splits["train"] = (torch.stack(pixels), torch.tensor(labels))
-    out: dict[str, tuple[RawFeatures, torch.Tensor]] = {}
-    total = sum(int(p.shape[0]) for p, _ in splits.values())
-    done = 0
-    for split, (pixels, labels) in splits.items():
+        train = torch.stack(pixels)
         parts = []
-        for i in range(0, pixels.shape[0], 256):
-            parts.append(extract_batched(bb, pixels[i : i + 256])[0].to("cpu"))
-            done += min(256, pixels.shape[0] - i)
-            _progress(phase="extracting features", fraction=round(done / total, 3))
-        out[split] = (RawFeatures.cat(parts), labels)
+        for i in range(0, train.shape[0], 256):
+            parts.append(extract_batched(bb, train[i : i + 256])[0].to("cpu"))
+            _progress(phase="extracting features", fraction=round(min(i + 256, len(train)) / len(train), 3))
+        out["train"] = (RawFeatures.cat(parts), torch.tensor(labels))
     tensors = {}
     for split, (raw, labels) in out.items():
         tensors |= {f"{split}.emb": raw.emb, f"{split}.mlp": raw.mlp, f"{split}.heads": raw.heads,

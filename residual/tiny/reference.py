@@ -40,8 +40,8 @@ def _batches(bb: Backbone, n: int = REFERENCE_SIZE) -> Iterator[torch.Tensor]:
     rng = np.random.default_rng(REFERENCE_SEED)
     for i in range(0, n, _CHUNK):
         scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, n - i))]
-        images = world.render_batch(scenes, side=bb.geometry.image_size, seed=REFERENCE_SEED + i)
-        yield bb.pixels_from_arrays(images)
+        images = world.render_batch(scenes, side=world.NATIVE_SIDE, seed=REFERENCE_SEED + i)
+        yield bb.pixels_from_arrays(images)  # rendered at the world's size, resized as one batch
 
 
 def reference_images(n: int, side: int = 48) -> np.ndarray:

@@ -8,13 +8,14 @@ phrasings, so zero-shot accuracy measures transfer, not memorised strings.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from residual.tiny import world
 
-__all__ = ["SPLIT_SIZES", "TASKS", "Task", "task_images"]
+__all__ = ["SPLIT_SIZES", "TASKS", "Task", "task_image_chunks", "task_images"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,32 @@ def _scene_for(task: Task, label: int, rng: np.random.Generator) -> world.Scene:
     return world.sample_scene(rng, task.kind, **{task.attribute: value})
 
 
+def task_image_chunks(
+    task: str | Task, split: str, n: int | None = None, side: int = 48, seed: int = 0, chunk: int = 256
+) -> tuple[np.ndarray, Iterator[np.ndarray]]:
+    """(labels (n,), chunks of the images): :func:`task_images` rendered ``chunk`` images at a time (the same
+    images; the labels and scenes come first, cheaply), so a caller can report progress and bound memory."""
+    t = TASKS[task] if isinstance(task, str) else task
+    labels, scenes, base = _plan(t, split, n, seed)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for i in range(0, len(scenes), chunk):
+            yield world.render_batch(scenes[i : i + chunk], side=side, seed=base * 7919 + i)
+
+    return labels, chunks()
+
+
+def _plan(t: Task, split: str, n: int | None, seed: int) -> tuple[np.ndarray, list[world.Scene], int]:
+    if split not in _SPLIT_SALT:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_SALT)}")
+    n = SPLIT_SIZES[split] if n is None else n
+    base = zlib.crc32(t.name.encode()) * 10 + _SPLIT_SALT[split] + 1000003 * seed
+    rng = np.random.default_rng(base)
+    labels = rng.permutation(np.arange(n) % len(t.classes)).astype(np.int64)
+    scenes = [_scene_for(t, int(lab), rng) for lab in labels]
+    return labels, scenes, base
+
+
 def task_images(
     task: str | Task, split: str, n: int | None = None, side: int = 48, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, list[world.Scene]]:
@@ -81,12 +108,6 @@ def task_images(
     task name, the split, ``n``, ``side`` and ``seed``.
     """
     t = TASKS[task] if isinstance(task, str) else task
-    if split not in _SPLIT_SALT:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_SALT)}")
-    n = SPLIT_SIZES[split] if n is None else n
-    base = zlib.crc32(t.name.encode()) * 10 + _SPLIT_SALT[split] + 1000003 * seed
-    rng = np.random.default_rng(base)
-    labels = rng.permutation(np.arange(n) % len(t.classes)).astype(np.int64)
-    scenes = [_scene_for(t, int(lab), rng) for lab in labels]
+    labels, scenes, base = _plan(t, split, n, seed)
     images = world.render_batch(scenes, side=side, seed=base * 7919)
     return images, labels, scenes

@@ -278,6 +278,10 @@ def _paint(canvas: np.ndarray, shape: str, xs: np.ndarray, ys: np.ndarray, cx: f
     canvas[_shape_mask(shape, xs, ys, cx, cy, r)] = colour
 
 
+NATIVE_SIDE = 48
+"""The side the world is drawn at; other input sizes resize these images (rendering at 224 px costs ~20x)."""
+
+
 def render(scene: Scene, side: int = 48, seed: int = 0) -> np.ndarray:
     """Render ``scene`` to an (side, side, 3) uint8 array. ``seed`` drives only the pixel noise."""
     rng = np.random.default_rng(seed)

@@ -90,3 +90,24 @@ def test_native_size_fast_path_equals_preprocess(tiny) -> None:  # type: ignore[
     fast = tiny.pixels_from_arrays(images)
     slow = torch.stack([tiny.preprocess(Image.fromarray(a)) for a in images])
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+
+
+def test_pixels_from_arrays_resizes_other_sizes_as_one_batch() -> None:
+    """World images (48 px) for a 224-px model: one batched resize, within 2 levels of 255 of open_clip's PIL
+    transform image by image; at the native size, exactly the transform."""
+    import numpy as np
+    from PIL import Image
+
+    from residual.tiny import tasks
+
+    torch.manual_seed(0)
+    b16 = load_backbone("ViT-B-16", pretrained="random", device="cpu")
+    images = tasks.task_images("shape", "test", n=6)[0]  # (6, 48, 48, 3)
+    batched = b16.pixels_from_arrays(images)
+    one_by_one = torch.stack([b16.preprocess(Image.fromarray(a)) for a in images])
+    std = torch.tensor(b16.visual.preprocess_cfg["std"])[None, :, None, None]
+    assert batched.shape == (6, 3, 224, 224)
+    assert float(((batched - one_by_one) * std * 255).abs().max()) <= 2.0 + 1e-3
+    tiny = load_backbone("residual-tiny", device="cpu")
+    assert torch.equal(tiny.pixels_from_arrays(images),
+                       torch.stack([tiny.preprocess(Image.fromarray(a)) for a in np.asarray(images)]))

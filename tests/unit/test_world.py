@@ -114,3 +114,11 @@ def test_texture_pairs_add_texture_groups_and_zero_adds_none() -> None:
     words = {w for ws in world._TEXTURE_WORDS.values() for w in ws}
     named = [c for c in caps if c.endswith("background") and any(w in c for w in words)]
     assert len(named) > 128, caps[:10]
+
+
+@pytest.mark.parametrize("chunk", [7, 256])
+def test_chunked_rendering_is_the_same_set(chunk: int) -> None:
+    images, labels, _ = tasks.task_images("position", "val", n=40)
+    chunk_labels, chunks = tasks.task_image_chunks("position", "val", n=40, chunk=chunk)
+    assert np.array_equal(chunk_labels, labels)
+    assert np.array_equal(np.concatenate(list(chunks)), images)
