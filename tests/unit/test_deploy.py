@@ -89,6 +89,12 @@ def test_rendered_objects(overlay: str, deploy_copy: Path) -> None:
     budget = api["startupProbe"]["periodSeconds"] * api["startupProbe"]["failureThreshold"]
     assert budget >= 120
     assert pods["residual-worker"]["terminationGracePeriodSeconds"] >= 300
+    # SIGTERM: the API drains for RESIDUAL_SHUTDOWN_TIMEOUT_S; Kubernetes must not SIGKILL it before that ends
+    config = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+    from service.settings import Settings
+
+    drain = float(config.get("RESIDUAL_SHUTDOWN_TIMEOUT_S", Settings.model_fields["shutdown_timeout_s"].default))
+    assert pods["residual-api"]["terminationGracePeriodSeconds"] >= drain + 10
     queue = next(o for o in objs if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "residual-redis-queue")
     args = " ".join(queue["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args and "--requirepass" in args
