@@ -14,12 +14,13 @@ Example:
 
 from residual.backbone import EMBEDDED_MODELS, Backbone, Geometry, load_backbone, wrap_model
 from residual.basis import Basis, fit_basis
-from residual.classifier import LOGIT_CONVENTION, class_embeddings, zero_shot_logits
+from residual.classifier import LOGIT_CONVENTION, class_embeddings, explain_logits, zero_shot_logits
 from residual.coefficients import (
     VARIANTS,
     CoefficientSet,
     FusedAdapter,
     ResolvedAdapter,
+    adapted_units,
     apply_fused,
     apply_many,
     fuse,
@@ -77,10 +78,12 @@ __all__ = [
     "Unit",
     "UnsupportedModelError",
     "WeightsError",
+    "adapted_units",
     "apply_fused",
     "apply_many",
     "class_embeddings",
     "decompose",
+    "explain_logits",
     "extract",
     "extract_batched",
     "fit",

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOGIT_CONVENTION", "class_embeddings", "fill_templates", "zero_shot_logits"]
+__all__ = ["LOGIT_CONVENTION", "class_embeddings", "explain_logits", "fill_templates", "zero_shot_logits"]
 
 LOGIT_CONVENTION = "scaled_cosine"  # logits = exp(logit_scale) * cos(y, w_c)
 
@@ -57,3 +57,18 @@ def zero_shot_logits(
     """
     scale = logit_scale.exp() if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale).exp()
     return scale.to(image_emb.dtype) * F.normalize(image_emb, dim=-1) @ class_emb.to(image_emb.dtype).T
+
+
+def explain_logits(unit_outputs: torch.Tensor, class_emb: torch.Tensor, logit_scale: torch.Tensor | float
+                   ) -> torch.Tensor:
+    """(n, U, d) per-unit shares of the image embedding -> (n, U, C) exact contributions to the logits.
+
+    logit_c = exp(logit_scale) * <y, w_c> / |y| with y = sum_u y_u, so unit u contributes
+    exp(logit_scale) * <y_u, w_c> / |y| and the contributions sum over u to :func:`zero_shot_logits` of y.
+    """
+    scale = logit_scale.exp() if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale).exp()
+    y = unit_outputs.sum(1)  # (n, U, d) -> (n, d)
+    norm = y.norm(dim=-1).clamp_min(1e-12)  # (n,)
+    # (n, U, d) x (C, d) -> (n, U, C), scaled per image by exp(scale) / |y|
+    contrib = torch.einsum("nud,cd->nuc", unit_outputs, class_emb.to(unit_outputs.dtype))
+    return contrib * (scale.to(unit_outputs.dtype) / norm)[:, None, None]

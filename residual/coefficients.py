@@ -37,8 +37,8 @@ from residual.decomposition import LinearisedLN, RawFeatures
 from residual.errors import BasisMismatchError, CoefficientShapeError
 from residual.io import load_tensors, save_tensors
 
-__all__ = ["VARIANTS", "CoefficientSet", "FusedAdapter", "ResolvedAdapter", "apply_fused", "apply_many",
-           "fuse", "init_coefficients", "resolve"]
+__all__ = ["VARIANTS", "CoefficientSet", "FusedAdapter", "ResolvedAdapter", "adapted_units", "apply_fused",
+           "apply_many", "fuse", "init_coefficients", "resolve"]
 
 VARIANTS = ("coarse", "fine", "full", "linear")
 FORMAT = "residual.coefficients/1"
@@ -193,6 +193,39 @@ class ResolvedAdapter:
     def apply(self, units: torch.Tensor) -> torch.Tensor:
         """(n, U, d) unit contributions -> (n, d) adapted embedding (the unfused reference formula)."""
         return torch.einsum("nud,ude->ne", units, self.A) + self.offset  # (n,U,d) x (U,d,d) -> (n,d)
+
+
+def adapted_units(cs: CoefficientSet, basis: Basis, units: torch.Tensor) -> torch.Tensor:
+    """(n, U, d) unit contributions -> (n, U, d): each unit's share of the adapted embedding.
+
+    y_u = m_u + (c_u - mu_u) A_u for adapted units (the unit's own mean term included), c_u for the embedding unit
+    of ``full``, 0 for dropped units; ``linear`` gives c_u W with its bias split equally over the units. The shares
+    sum over u to ``resolve(cs, basis).apply(units)`` (tested), without building the (U, d, d) matrices.
+    """
+    check_compatible(cs, basis)
+    n, n_units, d = units.shape
+    units = units.float()
+    if cs.variant == "linear":
+        assert cs.linear_weight is not None
+        assert cs.linear_bias is not None
+        return units @ cs.linear_weight.float() + cs.linear_bias.float() / n_units  # (n, U, d) @ (d, d)
+    out = torch.zeros_like(units)
+    if cs.variant == "full":
+        out[:, 0] = units[:, 0]  # embedding unit added back raw
+    pad = 1.0 if cs.variant == "full" else 0.0
+    lambdas = cs.lambdas.float().split(cs.k.tolist())
+    for u in _adapted_units(cs.variant, basis):
+        if cs.variant == "coarse":
+            out[:, u] = lambdas[u][0] * units[:, u]
+            continue
+        b = basis.components(u).to(units)  # (K, d)
+        lam = torch.full((b.shape[0],), pad, dtype=units.dtype, device=units.device)
+        lam[: int(cs.k[u])] = lambdas[u].to(units)
+        mu = basis.mean[u].to(units)
+        x = units[:, u] - mu  # (n, d)
+        # (c_u - mu_u) (pad I + B^T diag(lam - pad) B) + m_u, with (n, d) @ (d, K) -> (n, K) -> (n, d)
+        out[:, u] = pad * x + ((x @ b.T) * (lam - pad)) @ b + (mu if cs.add_mean else 0.0)
+    return out
 
 
 def resolve(cs: CoefficientSet, basis: Basis) -> ResolvedAdapter:

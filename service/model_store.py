@@ -53,6 +53,7 @@ class LoadedCoefficients:
     ref: str  # "name@version"
     coefficients: CoefficientSet
     fused: FusedAdapter
+    basis: Basis  # shared with the store's bases (not counted in nbytes); explanations need it
 
     @property
     def nbytes(self) -> int:
@@ -200,4 +201,4 @@ class ModelStore:
         fused = fuse(resolve(cs, basis), self.ln)
         self.metrics.coefficient_sets_loaded.inc()
         logger.info("loaded coefficient set %s (%s, %d parameters)", full_ref, cs.variant, cs.n_parameters)
-        return LoadedCoefficients(full_ref, cs, fused)
+        return LoadedCoefficients(full_ref, cs, fused, basis)

@@ -89,7 +89,8 @@ class Pool:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            # a queued call whose caller gave up (its future cancelled) needs nothing; the others fail now
+            if item is not _STOP and item[2].set_running_or_notify_cancel():
                 item[2].set_exception(BackendUnavailable("the service is shutting down"))
         for _ in self._threads:
             self._queue.put(_STOP)

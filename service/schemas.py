@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Alive", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary", "CoefficientSets",
+__all__ = ["Alive", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary", "CoefficientSets", "Contribution",
            "CoefficientVersion", "CoefficientVersions", "DatasetInfo", "HeadJobAccepted", "ImageResult",
            "InlineDataset", "JobAccepted", "JobInfo", "JobList", "LabelSet", "LabelSetCreated", "LabelSetOut",
            "Prediction", "Ready", "Report"]
@@ -36,11 +36,26 @@ class ClassifyRequest(BaseModel):
     label_set_id: str | None = Field(None, description="id returned by POST /label-sets")
     coefficients: str | None = Field(None, description="coefficient set: NAME (active version) or NAME@VERSION")
     top_k: int | None = Field(None, ge=1, le=1000, description="labels per image (default from settings)")
+    scores: Literal["softmax", "cosine"] = Field(
+        "softmax", description="'softmax': probabilities over the label set; 'cosine': the raw cosine between image "
+                               "and class (independent per label, for multi-label use)")
+    explain: int | None = Field(
+        None, ge=1, le=100_000, description="k: each returned label also gets its logit (exp(logit_scale) * cos) and "
+                                            "the k units (emb, L<l>.MLP, L<l>.H<h>) with the largest |contribution| "
+                                            "to it; with k >= the number of units they sum to the logit")
+
+
+class Contribution(BaseModel):
+    unit: str = Field(..., description="'emb', 'L<layer>.MLP' or 'L<layer>.H<head>'")
+    logit: float = Field(..., description="this unit's exact share of the label's logit")
 
 
 class Prediction(BaseModel):
     label: str
-    score: float = Field(..., description="softmax probability under exp(logit_scale) * cosine")
+    score: float = Field(..., description="softmax probability under exp(logit_scale) * cosine, or the cosine")
+    logit: float | None = Field(None, description="with explain: exp(logit_scale) * cos(image, class)")
+    contributions: list[Contribution] | None = Field(
+        None, description="with explain: the units with the largest |contribution| to this logit, largest first")
 
 
 class ImageResult(BaseModel):

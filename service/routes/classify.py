@@ -10,14 +10,39 @@ import torch
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from residual import RawFeatures, apply_fused, zero_shot_logits
+from residual import (
+    Geometry,
+    RawFeatures,
+    adapted_units,
+    apply_fused,
+    explain_logits,
+    project_units,
+    unit_table,
+    zero_shot_logits,
+)
 from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, validate_label_set
 from service.errors import InvalidRequest, Timeout, UnsupportedMedia
 from service.images import decode_base64
 from service.model_store import label_set_id
-from service.schemas import ClassifyRequest, ClassifyResponse, ImageResult, LabelSet, LabelSetCreated, LabelSetOut
+from service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    Contribution,
+    ImageResult,
+    LabelSet,
+    LabelSetCreated,
+    LabelSetOut,
+    Prediction,
+)
 
 router = APIRouter(tags=["classify"])
+
+Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # shown scores (n, C), logits (n, C), (n, U, C)
+
+
+def _unit_names(g: Geometry) -> list[str]:
+    """Unit names in the paper's order: emb, L<l>.MLP, L<l>.H<h>."""
+    return [{"emb": "emb", "mlp": f"L{u.layer}.MLP"}.get(u.type, f"L{u.layer}.H{u.head}") for u in unit_table(g)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown label set or coefficient set"},
@@ -46,7 +71,7 @@ async def _parse(request: Request, rt: Runtime) -> tuple[ClassifyRequest, list[b
                         fields[key] = json.loads(value)
                     except json.JSONDecodeError as exc:
                         raise InvalidRequest("label_set form field is not JSON") from exc
-                elif key in ("top_k", "label_set_id", "coefficients") and isinstance(value, str):
+                elif key in ("top_k", "label_set_id", "coefficients", "scores", "explain") and isinstance(value, str):
                     fields[key] = value
                 else:
                     raise InvalidRequest(f"unexpected form field {key!r}")
@@ -85,7 +110,8 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-@router.post("/classify", response_model=ClassifyResponse, dependencies=[ApiKey], responses=_ERRORS,
+@router.post("/classify", response_model=ClassifyResponse, response_model_exclude_unset=True, dependencies=[ApiKey],
+             responses=_ERRORS,
              summary="Classify images against a label set, zero-shot or with a fitted coefficient set",
              openapi_extra={"requestBody": {"content": {
                  "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}},
@@ -93,7 +119,8 @@ def _validation_message(exc: ValidationError) -> str:
                      "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
                      "label_set": {"type": "string", "description": "LabelSet as JSON"},
                      "label_set_id": {"type": "string"}, "coefficients": {"type": "string"},
-                     "top_k": {"type": "integer"}}}}}, "required": True}})
+                     "top_k": {"type": "integer"}, "scores": {"type": "string", "enum": ["softmax", "cosine"]},
+                     "explain": {"type": "integer"}}}}}, "required": True}})
 async def classify(request: Request, rt: RuntimeDep) -> ClassifyResponse:
     """Images as base64 JSON or multipart files; label set inline, by id, or the coefficient set's own.
 
@@ -120,13 +147,24 @@ async def classify(request: Request, rt: RuntimeDep) -> ClassifyResponse:
     # the content hash; classify stores nothing (registering a label set for later use by id is POST /label-sets)
     ls_id = body.label_set_id or label_set_id(store.backbone.weights_id, classes, templates)
 
-    def scores(raw: RawFeatures, emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
-        """Blocking (io pool): the fused coefficient set (one matmul), cosine logits, softmax."""
-        y = apply_fused(raw, loaded.fused, store.ln) if loaded is not None else emb
-        logits = zero_shot_logits(y, class_emb.to(y.device), store.backbone.logit_scale.to(y.device))
-        return logits.float().softmax(-1).cpu()
+    scale = store.backbone.logit_scale
 
-    async def run() -> torch.Tensor:
+    def scores(raw: RawFeatures, emb: torch.Tensor, class_emb: torch.Tensor) -> Scored:
+        """Blocking (io pool): the fused coefficient set (one matmul), cosine logits, softmax or cosine; with
+        explain, every unit's exact share of every logit."""
+        y = apply_fused(raw, loaded.fused, store.ln) if loaded is not None else emb
+        class_emb = class_emb.to(y.device)
+        logits = zero_shot_logits(y, class_emb, scale.to(y.device)).float()
+        shown = logits.softmax(-1) if body.scores == "softmax" else logits / scale.exp().to(y.device)
+        contrib = None
+        if body.explain:
+            units = project_units(raw, store.ln)  # (n, U, d), the model's own units
+            if loaded is not None:
+                units = adapted_units(loaded.coefficients, loaded.basis, units)  # each unit's share of y
+            contrib = explain_logits(units, class_emb, scale.to(y.device)).cpu()  # (n, U, C)
+        return shown.cpu(), logits.cpu(), contrib
+
+    async def run() -> Scored:
         assert rt.images is not None
         pixels = await rt.images(blobs)  # parallel decode + preprocess (pil on CPU, batched tensor ops on CUDA)
         class_emb_task = rt.io.run(text.class_embeddings, ls_id, classes, templates)
@@ -134,15 +172,25 @@ async def classify(request: Request, rt: RuntimeDep) -> ClassifyResponse:
         return await rt.io.run(scores, raw, emb, class_emb)
 
     try:
-        probs = await asyncio.wait_for(run(), s.request_timeout_s)
+        probs, logits, contrib = await asyncio.wait_for(run(), s.request_timeout_s)
     except TimeoutError as exc:
         rt.metrics.rejected.labels(reason="timeout").inc()
         raise Timeout(f"the request did not finish within {s.request_timeout_s:g} s") from exc
     k = min(body.top_k or s.default_top_k, len(classes))
     top = probs.topk(k, dim=-1)
-    results = [ImageResult(top=[{"label": classes[j], "score": float(p)}  # type: ignore[misc]
-                                for p, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True)])
-               for i in range(probs.shape[0])]
+    names = _unit_names(store.backbone.geometry) if contrib is not None else []
+    results = []
+    for i in range(probs.shape[0]):
+        preds = []
+        for p, j in zip(top.values[i].tolist(), top.indices[i].tolist(), strict=True):
+            if contrib is None:
+                preds.append(Prediction(label=classes[j], score=float(p)))
+                continue
+            c = contrib[i, :, j]  # (U,)
+            order = c.abs().argsort(descending=True)[: body.explain]
+            preds.append(Prediction(label=classes[j], score=float(p), logit=float(logits[i, j]),
+                                    contributions=[Contribution(unit=names[u], logit=float(c[u])) for u in order]))
+        results.append(ImageResult(top=preds))
     rt.metrics.images_classified.inc(len(results))
     return ClassifyResponse(model=store.backbone.name, weights_id=store.backbone.weights_id,
                             coefficients=loaded.ref if loaded else None, label_set_id=ls_id, results=results)

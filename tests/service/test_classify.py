@@ -362,3 +362,62 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     for path in ("/classify", "/label-sets", "/label-sets/{label_set_id}", "/readyz", "/livez", "/metrics"):
         assert path in spec["paths"]
     assert "examples" in spec["components"]["schemas"]["ClassifyRequest"]
+
+
+@pytest.mark.parametrize("variant", [None, "full", "fine", "linear"])
+def test_explain_gives_exact_unit_contributions(client: TestClient, artifacts: Path, variant: str | None) -> None:
+    """With k >= the number of units the contributions sum to the logit (1e-4), with and without a coefficient
+    set; with a small k they are the largest by |contribution|; the logit is exp(logit_scale) * cos."""
+    images, _ = _images(3)
+    body: dict = {"images": [png_b64(a) for a in images], "top_k": 3,
+                  "label_set": {"classes": list(TASK.classes), "templates": list(TASK.templates)}}
+    if variant is not None:
+        _publish(artifacts, f"explain-{variant}", "v1", seed=5, variant=variant)
+        body["coefficients"] = f"explain-{variant}@v1"
+    rt = client.app.state.runtime
+    g = rt.store.backbone.geometry
+    n_units = g.n_units
+    full = client.post("/classify", json={**body, "explain": n_units}).json()
+    plain = client.post("/classify", json=body).json()
+    scale = float(rt.store.backbone.logit_scale.exp())
+    names = {"emb"} | {f"L{l}.MLP" for l in range(g.layers)} | {f"L{l}.H{h}" for l in range(g.layers)
+                                                                for h in range(g.heads)}
+    for res, ref in zip(full["results"], plain["results"], strict=True):
+        assert [p["label"] for p in res["top"]] == [p["label"] for p in ref["top"]]
+        assert "logit" not in ref["top"][0] and "contributions" not in ref["top"][0]  # only when asked
+        logits = torch.tensor([p["logit"] for p in res["top"]])
+        probs_of_top = torch.tensor([p["score"] for p in res["top"]])
+        for p in res["top"]:
+            units = p["contributions"]
+            assert len(units) == n_units and {u["unit"] for u in units} == names
+            assert abs(sum(u["logit"] for u in units) - p["logit"]) <= 1e-4
+            mags = [abs(u["logit"]) for u in units]
+            assert mags == sorted(mags, reverse=True)
+        assert float(logits.max()) <= scale + 1e-4  # a scaled cosine
+        assert torch.all(probs_of_top[:-1] >= probs_of_top[1:])
+    few = client.post("/classify", json={**body, "explain": 3}).json()
+    top = few["results"][0]["top"][0]
+    assert [u["unit"] for u in top["contributions"]] == [u["unit"] for u in full["results"][0]["top"][0][
+        "contributions"][:3]]
+
+
+def test_cosine_scores_are_the_raw_cosine(client: TestClient) -> None:
+    images, _ = _images(2)
+    classes, templates = list(TASK.classes), list(TASK.templates)
+    body = {"images": [png_b64(a) for a in images], "top_k": len(classes),
+            "label_set": {"classes": classes, "templates": templates}}
+    soft = client.post("/classify", json=body).json()
+    cos = client.post("/classify", json={**body, "scores": "cosine", "explain": 1}).json()
+    store = client.app.state.runtime.store
+    scale = float(store.backbone.logit_scale.exp())
+    for s_res, c_res in zip(soft["results"], cos["results"], strict=True):
+        assert abs(sum(p["score"] for p in s_res["top"]) - 1) < 1e-4
+        assert abs(sum(p["score"] for p in c_res["top"]) - 1) > 1e-2  # independent per label
+        for p in c_res["top"]:
+            assert -1 <= p["score"] <= 1 and abs(p["score"] * scale - p["logit"]) <= 1e-4
+        assert [p["label"] for p in s_res["top"]] == [p["label"] for p in c_res["top"]]  # same order
+    r = client.post("/classify", files=[("images", ("a.png", base64.b64decode(png_b64(images[0])), "image/png"))],
+                    data={"label_set": json.dumps({"classes": classes}), "scores": "cosine", "explain": "2"})
+    assert r.status_code == 200 and len(r.json()["results"][0]["top"][0]["contributions"]) == 2
+    assert client.post("/classify", json={**body, "scores": "logits"}).status_code == 422
+    assert client.post("/classify", json={**body, "explain": 0}).status_code == 422

@@ -250,3 +250,26 @@ def _ready(c: httpx.Client) -> bool:
         return c.get("/readyz").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_stopping_a_pool_with_a_cancelled_queued_call() -> None:
+    """A request that gave up leaves a cancelled call in the queue; stopping the pool (shutdown) must fail the
+    other queued calls and not raise on that one (it raised InvalidStateError in a test teardown)."""
+    from concurrent.futures import CancelledError
+
+    from service.pools import Pool
+
+    pool = Pool(1, "stop-test")
+    gate = threading.Event()
+    running = pool.submit(gate.wait)  # occupies the only thread
+    wait_for(running.running, 5, "the first call to start")
+    queued = pool.submit(lambda: 1)
+    given_up = pool.submit(lambda: 2)
+    assert given_up.cancel()
+    pool.stop()
+    gate.set()
+    assert running.result(timeout=5) is True
+    with pytest.raises(BackendUnavailable):
+        queued.result(timeout=5)
+    with pytest.raises(CancelledError):
+        given_up.result(timeout=5)

@@ -163,3 +163,25 @@ def test_pickle_files_are_never_loaded(tmp_path) -> None:
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
         load_tensors(renamed)
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("add_mean", [True, False])
+def test_unit_shares_sum_to_the_adapter_and_explain_the_logits_exactly(setup, variant: str, add_mean: bool) -> None:
+    from residual import adapted_units, explain_logits, zero_shot_logits
+
+    bb, basis, ln, dec = setup
+    cs = _random_set(variant, basis, 7)
+    cs.add_mean = add_mean
+    shares = adapted_units(cs, basis, dec.units)  # (n, U, d)
+    assert shares.shape == dec.units.shape
+    assert _rel(shares.sum(1), resolve(cs, basis).apply(dec.units)) <= 1e-5
+    class_emb = torch.nn.functional.normalize(torch.randn(5, basis.geometry.out_dim), dim=-1)
+    contrib = explain_logits(shares, class_emb, bb.logit_scale)  # (n, U, C)
+    logits = zero_shot_logits(shares.sum(1), class_emb, bb.logit_scale)
+    assert float((contrib.sum(1) - logits).abs().max()) <= 1e-4
+    if variant in ("coarse", "fine"):
+        assert float(shares[:, : 1 + basis.geometry.layers].abs().max()) == 0.0  # emb and MLPs are dropped
+    # zero-shot: the model's own units explain its own logits
+    zs = explain_logits(dec.units, class_emb, bb.logit_scale)
+    assert float((zs.sum(1) - zero_shot_logits(dec.embedding, class_emb, bb.logit_scale)).abs().max()) <= 1e-4
