@@ -133,13 +133,14 @@ class TextCache:
                 logger.warning("dropping a malformed cache entry %s", mkey)
         self.metrics.text_cache_lookups.labels(tier="miss").inc()
         prompts = fill_templates(classes, templates)
-        prompt_emb = self._prompt_embeddings(prompts)
+        prompt_emb = self.prompt_embeddings(prompts)
         emb = prompt_embeddings_to_classes(prompt_emb, len(classes), len(templates))
         self.redis.call(lambda c: c.set(mkey, encode_array(emb), ex=self.ttl_s))
         self._remember(label_set_id, emb)
         return emb
 
-    def _prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+    def prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """(n,) prompts -> (n, d) raw text embeddings, each cached in Redis (only the missing ones are encoded)."""
         keys = [self._key("prompt", self._digest(p)) for p in prompts]
         cached = self.redis.call(lambda c: c.mget(keys))
         found: list[torch.Tensor | None] = [None] * len(prompts)

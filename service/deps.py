@@ -37,7 +37,8 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "dataset_store", "label_set_from", "validate_label_set",
+__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "clean_text", "dataset_store", "label_set_from",
+           "validate_label_set",
            "world_and_label_set"]
 
 
@@ -151,7 +152,7 @@ ApiKey = Depends(api_key)
 AdminKey = Depends(admin_key)
 
 
-def _clean_text(text: str, what: str, limit: int) -> str:
+def clean_text(text: str, what: str, limit: int) -> str:
     if not text.strip():
         raise InvalidRequest(f"{what} is empty")
     if len(text) > limit:
@@ -166,7 +167,7 @@ def validate_label_set(classes: list[str], templates: list[str] | None, s: Setti
         raise InvalidRequest("label_set.classes is empty; give at least one class")
     if len(classes) > s.max_classes:
         raise InvalidRequest(f"label_set has {len(classes)} classes; the limit is {s.max_classes}")
-    classes = [_clean_text(c, f"class {i}", s.max_prompt_chars) for i, c in enumerate(classes)]
+    classes = [clean_text(c, f"class {i}", s.max_prompt_chars) for i, c in enumerate(classes)]
     seen: set[str] = set()
     dups = sorted({c for c in classes if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
     if dups:
@@ -177,7 +178,7 @@ def validate_label_set(classes: list[str], templates: list[str] | None, s: Setti
     if len(templates) > s.max_templates:
         raise InvalidRequest(f"label_set has {len(templates)} templates; the limit is {s.max_templates}")
     for i, t in enumerate(templates):
-        _clean_text(t, f"template {i}", s.max_prompt_chars)
+        clean_text(t, f"template {i}", s.max_prompt_chars)
         if t.count("{}") != 1:
             raise InvalidRequest(f"template {i} ({t!r}) must contain '{{}}' exactly once")
     return classes, templates

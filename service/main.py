@@ -36,7 +36,7 @@ from service.metrics import JobsCollector, Metrics
 from service.model_store import ModelStore, label_set_id
 from service.pipeline import ImagePipeline, decode_threads
 from service.pools import ModelOwner, Pool
-from service.routes import classify, coefficients, datasets, heads, health, jobs
+from service.routes import classify, coefficients, datasets, embeddings, heads, health, jobs
 from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 
@@ -236,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(datasets.router)
     app.include_router(coefficients.router)
+    app.include_router(embeddings.router)
     app.include_router(heads.router)
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)

@@ -54,6 +54,8 @@ class Metrics:
                                            registry=r)
         self.reference_basis_images = Counter("residual_reference_basis_images_total",
                                               "images run through the model to build reference bases", registry=r)
+        self.embeddings = Counter("residual_embeddings_total", "inputs embedded by /v1/embeddings", ["modality"],
+                                  registry=r)
         self.rejected = Counter("residual_requests_rejected_total", "requests refused before the backbone",
                                 ["reason"], registry=r)
 

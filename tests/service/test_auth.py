@@ -24,7 +24,8 @@ OPEN = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics")}
 API_SCOPE = {  # classification and reads that neither enqueue work nor store data
     ("POST", "/classify"), ("GET", "/label-sets/{label_set_id}"), ("GET", "/coefficients"),
     ("GET", "/coefficients/{name}"), ("GET", "/heads"), ("GET", "/heads/spectrum.png"),
-    ("GET", "/heads/{layer}/{head}"), ("GET", "/heads/{layer}/{head}/spectrum.png")}
+    ("GET", "/heads/{layer}/{head}"), ("GET", "/heads/{layer}/{head}/spectrum.png"), ("POST", "/v1/embeddings"),
+    ("GET", "/v1/models")}
 ADMIN_SCOPE = {
     ("POST", "/label-sets"), ("POST", "/fit-alignment"), ("GET", "/fit-alignment"),
     ("GET", "/fit-alignment/{job_id}"), ("DELETE", "/fit-alignment/{job_id}"), ("POST", "/datasets"),
