@@ -10,3 +10,4 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 .venv/bin/python -c "import torch, torchvision" 2>/dev/null \
   || .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install -q -e ".[service,dev]"
+.venv/bin/pip install -q -e "clients/python[images,progress]"  # the torch-free client, tested against the service

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/ruff check residual service tests bench scripts
+.venv/bin/ruff check residual service tests bench scripts clients
 exec .venv/bin/python -m pytest -m "not gpu and not slow" "$@"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from residual.decomposition import RawFeatures
-from service.errors import BackendUnavailable, Overloaded
+from service.errors import BackendUnavailable, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
 from service.pools import ModelOwner
 
@@ -117,6 +117,8 @@ class Batcher:
             raise BackendUnavailable("the batcher is not running (restarting or shutting down); retry",
                                      headers={"Retry-After": "1"})
         k = int(pixels.shape[0])
+        if k > self.max_queue:  # would never fit: retrying cannot help, so no 429
+            raise PayloadTooLarge(f"{k} images exceed the backbone queue ({self.max_queue} images); send fewer")
         if self._queued_images + k > self.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise Overloaded(f"{self._queued_images} images are waiting for the backbone (limit {self.max_queue}); "

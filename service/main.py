@@ -175,8 +175,8 @@ def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
     def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
         return text.class_embeddings(label_set_id(weights, texts, ["{}"]), texts, ["{}"])
 
-    return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis,
-                       s.batch_size_for(store.backbone.device.type),
+    chunk = min(s.batch_size_for(store.backbone.device.type), s.max_queue)  # a chunk must fit the queue
+    return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis, chunk,
                        s.heads_sample_images, rt.artifacts, dictionary_embeddings, s.text_dictionary,
                        s.reference_basis_images, rt.metrics.reference_basis_images.inc)
 

@@ -286,12 +286,27 @@ def test_oversized_inputs_answer_413(artifacts: Path, redis_server) -> None:
 
 
 def test_queue_full_answers_429_with_retry_after(artifacts: Path, redis_server) -> None:
+    """A request that finds the queue full gets 429 + Retry-After (it may fit later); one larger than the whole
+    queue gets 413 (retrying can never help)."""
+    import asyncio
+
+    from service.errors import Overloaded
+
     with TestClient(create_app(make_settings(artifacts, redis_server.url, max_queue=2))) as c:
         wait_ready(c)
         img = png_b64(_images(1)[0][0])
         r = c.post("/classify", json={"images": [img] * 3, "label_set": {"classes": ["a"]}})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
-        assert r.json()["error"]["type"] == "overloaded"
+        assert r.status_code == 413 and "exceed the backbone queue" in r.json()["error"]["message"]
+        batcher = c.app.state.runtime.batcher
+
+        async def two_at_once() -> list[object]:  # the second finds the first's 2 images queued
+            px = torch.zeros(2, 3, 48, 48)
+            return await asyncio.gather(batcher.submit(px), batcher.submit(px), return_exceptions=True)
+
+        first, second = c.portal.call(two_at_once)
+        assert isinstance(first, tuple) and isinstance(second, Overloaded)
+        assert second.status == 429 and second.headers == {"Retry-After": "1"}
+        assert metric(c, "residual_requests_rejected_total", 'reason="queue_full"') >= 1
         assert c.post("/classify", json={"images": [img], "label_set": {"classes": ["a"]}}).status_code == 200
 
 

@@ -1,0 +1,158 @@
+"""The Python client (clients/python, torch-free) against a real running service: API process, worker, Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from residual_client import APIError, AsyncClient, Client, JobFailed
+
+from residual.tiny import tasks
+from tests.processes import api_server, worker_process
+from tests.redis_server import start_private
+
+TASK = tasks.TASKS["colour"]
+ADMIN = "client-admin-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    redis = start_private()
+    artifacts = tmp_path_factory.mktemp("client-artifacts")
+    worker = worker_process(redis.url, artifacts)
+    try:
+        # a small queue, so that concurrent requests meet 429 and the client's retries are exercised for real
+        with api_server(redis.url, artifacts, admin_api_key=ADMIN, max_queue="8") as (client, _):
+            yield str(client.base_url)
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+        redis.stop()
+
+
+def test_the_client_does_not_import_torch() -> None:
+    code = "import sys, residual_client; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_classify_with_every_image_kind(service: str, tmp_path: Path) -> None:
+    images, labels, _ = tasks.task_images("colour", "test", n=4)
+    path = tmp_path / "one.png"
+    Image.fromarray(images[1]).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, "PNG")
+    with Client(service, api_key=ADMIN) as rs:
+        out = rs.classify([buf.getvalue(), path, Image.fromarray(images[2]), images[3]], classes=list(TASK.classes),
+                          templates=list(TASK.templates), top_k=2, explain=3)
+        assert out.model == "residual-tiny" and out.coefficients is None and len(out.results) == 4
+        predicted = [r.top[0].label for r in out.results]
+        assert sum(p == TASK.classes[lab] for p, lab in zip(predicted, labels, strict=True)) >= 3
+        first = out.results[0].top[0]
+        assert 0 < first.score <= 1 and first.logit is not None and len(first.contributions or []) == 3
+        assert first.contributions[0].unit.startswith(("L", "emb"))
+        cos = rs.classify([images[0]], classes=list(TASK.classes), scores="cosine")
+        assert -1 <= cos.results[0].top[0].score <= 1 and cos.results[0].top[0].contributions is None
+
+
+def test_errors_carry_the_service_error(service: str) -> None:
+    with Client(service, api_key=ADMIN) as rs:
+        with pytest.raises(APIError) as info:
+            rs.classify([b"not an image"], classes=["a", "b"])
+        assert info.value.status == 415 and info.value.type == "unsupported_media" and "images[0]" in info.value.message
+        with pytest.raises(APIError) as info:
+            rs.label_set("ls-" + "0" * 20)
+        assert info.value.status == 404 and info.value.type == "not_found"
+    with Client(service, api_key="wrong-key-0123456789") as rs, pytest.raises(APIError) as info:
+        rs.create_label_set(["a", "b"])
+    assert info.value.status == 401
+
+
+def test_label_sets_embeddings_and_heads(service: str) -> None:
+    with Client(service, api_key=ADMIN) as rs:
+        ident = rs.create_label_set(list(TASK.classes), list(TASK.templates))
+        assert rs.label_set(ident)["classes"] == list(TASK.classes)
+        image = tasks.task_images("colour", "test", n=1)[0][0]
+        by_id = rs.classify([image], label_set_id=ident)
+        assert by_id.label_set_id == ident
+        texts = rs.embeddings(["a red circle", "a blue square"])
+        assert len(texts) == 2 and abs(sum(x * x for x in texts[0]) - 1) < 1e-4
+        pics = rs.embeddings([image], modality="image")
+        assert len(pics[0]) == len(texts[0])
+        assert rs.models()[0] == "residual-tiny"
+        units = rs.heads()["units"]
+        assert any(u["type"] == "head" for u in units)
+        assert "description" in rs.head(2, 1, atoms=3)
+
+
+def test_fit_wait_activate_and_roll_back(service: str) -> None:
+    sizes = {"train": 150, "val": 40, "test": 20}
+    with Client(service, api_key=ADMIN) as rs:
+        first = rs.fit("client-fit", "world:colour", variant="fine", world_sizes=sizes,
+                       hyperparameters={"epochs": 2}).wait(timeout=300, poll_s=0.2, progress=True)
+        second = rs.fit("client-fit", "world:colour", variant="full", world_sizes=sizes,
+                        hyperparameters={"epochs": 2}).wait(timeout=300, poll_s=0.2)
+        v1, v2 = (r["coefficients"].split("@")[1] for r in (first, second))
+        assert rs.coefficient_versions("client-fit")["active"] == v2
+        assert any(s["name"] == "client-fit" for s in rs.coefficient_sets())
+        assert rs.rollback("client-fit")["active"] == v1
+        image = tasks.task_images("colour", "test", n=1)[0][0]
+        assert rs.classify([image], coefficients="client-fit").coefficients == f"client-fit@{v1}"
+        assert rs.activate("client-fit", v2)["active"] == v2
+        long = rs.fit("client-cancel", "world:colour", world_sizes={"train": 3000, "val": 500, "test": 100},
+                      hyperparameters={"epochs": 200, "patience": 200})
+        long.cancel()
+        with pytest.raises(JobFailed) as info:
+            long.wait(timeout=300, poll_s=0.2)
+        assert info.value.info["status"] == "cancelled"
+
+
+def test_async_client(service: str) -> None:
+    async def run() -> tuple[int, int]:
+        async with AsyncClient(service, api_key=ADMIN) as rs:
+            image = tasks.task_images("colour", "test", n=1)[0][0]
+            out = await rs.classify([image], classes=list(TASK.classes))
+            texts = await rs.embeddings("a green star")  # one string: one vector
+            return len(out.results), len(texts[0])
+
+    assert asyncio.run(run()) == (1, 128)
+
+
+def test_retries_on_429_honour_retry_after(service: str) -> None:
+    """16 concurrent requests of 4 images against a queue of 8 images: the service answers 429 with Retry-After;
+    the client retries and every request succeeds; the service's rejection counter shows the 429s happened."""
+    images = tasks.task_images("colour", "test", n=4)[0]
+
+    def rejected() -> float:
+        for line in httpx.get(f"{service}/metrics").text.splitlines():
+            if line.startswith('residual_requests_rejected_total{reason="queue_full"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = rejected()
+    with Client(service, api_key=ADMIN, max_retries=20, retry_budget_s=120) as rs:
+
+        def one(_: int) -> int:
+            return len(rs.classify(list(images), classes=list(TASK.classes)).results)
+
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(one, range(32))) == [4] * 32
+    assert rejected() > before
+    with Client(service, api_key=ADMIN, max_retries=0) as rs, ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda _: _status(rs, images), range(32)))
+    assert 429 in outcomes  # without retries the 429s reach the caller as APIError
+
+
+def _status(rs: Client, images) -> int:
+    try:
+        rs.classify(list(images), classes=list(TASK.classes))
+        return 200
+    except APIError as exc:
+        return exc.status
