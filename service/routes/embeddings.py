@@ -119,7 +119,7 @@ async def embeddings(body: EmbeddingsRequest, rt: RuntimeDep) -> EmbeddingsRespo
             raise InvalidRequest(f"{len(inputs)} texts; the limit is {MAX_TEXTS}")
         texts = [clean_text(t, f"input[{i}]", s.max_prompt_chars) for i, t in enumerate(inputs)]
         raw = await rt.io.run(rt.text.prompt_embeddings, texts)
-        tokens = int((store.backbone.tokenizer(texts) != 0).sum())
+        tokens = await rt.io.run(lambda: int((store.backbone.tokenizer(texts) != 0).sum()))  # usage, off the loop
         vectors = F.normalize(raw.float(), dim=-1)
     else:
         if len(inputs) > s.max_images:
