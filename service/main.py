@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -198,6 +199,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         async def start() -> None:
             await runtime.owner.run(_load, runtime)
+            # the start-up heap (torch, open_clip, the model, the schemas) never becomes garbage: move it out of the
+            # collector's reach, so later full collections scan only what requests allocate and stay short (a long
+            # collection in any thread holds the GIL and stalls the event loop)
+            gc.freeze()
             if runtime.store is not None and not runtime.draining:
                 store = runtime.store
                 device = store.backbone.device.type

@@ -86,10 +86,13 @@ def fetch(conn: redis.Redis, job_id: str, kind: str) -> Job:
 def cancel(conn: redis.Redis, job_id: str, kind: str, flag_ttl_s: int) -> dict[str, Any]:
     job = fetch(conn, job_id, kind)
     status = job.get_status()
+    if status in _STATUS and _STATUS[status] in ("succeeded", "failed", "cancelled"):
+        return describe(job)
+    # the flag first: a worker that dequeued the job a moment ago (its status still 'queued') sees it when the job
+    # starts and between batches, so the cancellation is never lost to that race
+    conn.set(cancel_key(job.id), 1, ex=flag_ttl_s)
     if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
         job.cancel()
-    elif status == JobStatus.STARTED:
-        conn.set(cancel_key(job.id), 1, ex=flag_ttl_s)
     return describe(Job.fetch(job_id, connection=conn, serializer=JSONSerializer))
 
 

@@ -164,6 +164,8 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     conn = job.connection if job is not None else None
     started = time.perf_counter()
+    if job is not None and conn is not None and _flagged(conn, job.id):
+        raise FitCancelledError("cancelled before it started")
     artifacts = ArtifactStore(s.artifact_dir)
     active_at_start = artifacts.active(spec["name"])  # activation later only if this is still the active version
     _progress(active_at_start=active_at_start)
@@ -193,12 +195,7 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
                   val_accuracy=p["val_accuracy"], best_val_accuracy=p["best_val_accuracy"])
 
     def should_stop() -> bool:
-        if conn is None or job is None:
-            return False
-        try:
-            return bool(conn.exists(cancel_key(job.id)))
-        except (redis.RedisError, OSError):  # Redis away: no cancel request can have arrived
-            return False
+        return conn is not None and job is not None and _flagged(conn, job.id)
 
     _progress(phase="fitting", fraction=0.0)
     result = fit(data["train"], cls, bb.logit_scale, basis, ln, classes, templates, cfg,
@@ -219,6 +216,14 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     _progress(phase="done", fraction=1.0)
     report = {k: v for k, v in cs.report.items() if k != "history"}
     return {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why, "report": report}
+
+
+def _flagged(conn: redis.Redis, job_id: str) -> bool:
+    """Whether DELETE asked to cancel this job (False while Redis is away: no request can have arrived)."""
+    try:
+        return bool(conn.exists(cancel_key(job_id)))
+    except (redis.RedisError, OSError):
+        return False
 
 
 def run_head_alignment(spec: dict[str, Any]) -> dict[str, Any]:
