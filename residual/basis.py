@@ -39,6 +39,7 @@ class Basis:
     emb_components: torch.Tensor  # (1, d, d)
     n_samples: int
     source: dict[str, Any] = field(default_factory=dict)  # how the reference set was made
+    name: str = ""  # a human label (e.g. "imagenet-train-10k"); not part of the content hash
 
     @property
     def table(self) -> list[Unit]:
@@ -72,7 +73,7 @@ class Basis:
         """Write the basis as safetensors; returns its content hash."""
         meta = {"format": FORMAT, "model": self.model, "weights_id": self.weights_id,
                 "geometry": self.geometry.__dict__, "n_samples": self.n_samples, "source": self.source,
-                "hash": self.hash}
+                "name": self.name, "hash": self.hash}
         save_tensors(path, self._tensors(), meta)
         return self.hash
 
@@ -91,7 +92,8 @@ class Basis:
             if tuple(tensors[name].shape) != shape:
                 raise CoefficientShapeError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
         basis = cls(model=meta["model"], weights_id=meta["weights_id"], geometry=g, n_samples=meta["n_samples"],
-                    source=meta.get("source", {}), **{k: v.float() for k, v in tensors.items()})
+                    source=meta.get("source", {}), name=meta.get("name", ""),
+                    **{k: v.float() for k, v in tensors.items()})
         if meta.get("hash") and basis.hash != meta["hash"]:
             raise CoefficientShapeError(f"{path}: content hash {basis.hash} differs from the recorded {meta['hash']}")
         return basis
@@ -99,7 +101,7 @@ class Basis:
 
 def fit_basis(
     backbone: Backbone, batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None,
-    units: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    units: Callable[[torch.Tensor], torch.Tensor] | None = None, name: str = "",
 ) -> Basis:
     """Streaming per-unit PCA over pixel batches (n, 3, S, S); never holds more than one batch of units.
 
@@ -112,11 +114,12 @@ def fit_basis(
         def units(pixels: torch.Tensor) -> torch.Tensor:
             return decompose(backbone, pixels, ln).units
 
-    return basis_from_units(backbone, (units(pixels) for pixels in batches), source)
+    return basis_from_units(backbone, (units(pixels) for pixels in batches), source, name)
 
 
 def basis_from_units(
-    backbone: Backbone, unit_batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None
+    backbone: Backbone, unit_batches: Iterable[torch.Tensor], source: dict[str, Any] | None = None,
+    name: str = "",
 ) -> Basis:
     """Streaming per-unit PCA over batches of output-space units (n, U, d), e.g. from cached raw features."""
     g = backbone.geometry
@@ -136,4 +139,5 @@ def basis_from_units(
         emb_components=comps[:1].contiguous(),
         n_samples=pca.n_samples,
         source=source or {},
+        name=name,
     )

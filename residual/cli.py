@@ -1,7 +1,8 @@
 """``residual``: offline use of the library on ImageFolder directories (one sub-folder per class).
 
     residual decompose-check --images DIR           units sum to the embedding? (max relative error)
-    residual spectrum --images DIR --out basis.safetensors     per-unit PCA basis and a spectrum table
+    residual spectrum --images DIR --out basis.safetensors     per-unit PCA basis (any folder of images; the
+                                                               service serves it from artifacts/bases/)
     residual spectrum --basis basis.safetensors --png k90.png  a layer x head picture of a basis
     residual alignment --world colour:val --eval-world colour:test --png colour.png   head-text alignment
     residual fit --train DIR --basis basis.safetensors --out cs.safetensors
@@ -57,7 +58,7 @@ def _image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
 
 def _load_pixels(bb: Backbone, files: list[Path], desc: str) -> torch.Tensor:
     out = []
-    for f in tqdm(files, desc=desc, unit="img", disable=None):
+    for f in tqdm(files, desc=desc, unit="img", disable=None if desc else True):
         with Image.open(f) as im:
             out.append(bb.preprocess(im.convert("RGB")))
     return torch.stack(out)
@@ -80,6 +81,22 @@ def _source(bb: Backbone, args: argparse.Namespace, attr: str = "images"
         raise SystemExit(f"give --{attr.replace('_', '-')} DIR or --world TASK")
     files, labels, classes = _image_folder(Path(root))
     return _load_pixels(bb, files, f"decoding {root}"), torch.tensor(labels), classes, None
+
+
+def _all_images(root: Path) -> list[Path]:
+    """Every image under ``root`` (a flat folder or an ImageFolder tree; labels are not needed), sorted."""
+    if not root.is_dir():
+        raise SystemExit(f"{root}: not a folder")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SystemExit(f"{root}: no images with suffix in {sorted(IMAGE_SUFFIXES)}")
+    return files
+
+
+def _decoded_batches(bb: Backbone, files: list[Path], size: int) -> Iterator[torch.Tensor]:
+    """Decode and preprocess ``size`` files at a time: memory holds one batch, whatever the folder's size."""
+    for i in tqdm(range(0, len(files), size), desc="streaming PCA", unit="batch", disable=None):
+        yield _load_pixels(bb, files[i : i + size], "")
 
 
 def _batches(pixels: torch.Tensor, size: int, desc: str) -> Iterator[torch.Tensor]:
@@ -109,10 +126,18 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     bb = load_backbone(args.model, args.pretrained, device=args.device)
     if args.basis:
         basis = Basis.load(args.basis)
-    else:
+    elif args.world:
         pixels = _source(bb, args)[0]
-        basis = fit_basis(bb, _batches(pixels, args.batch_size, "streaming PCA"),
-                          source={"images": args.images, "world": args.world, "n": int(pixels.shape[0])})
+        task, _, split = args.world.partition(":")
+        basis = fit_basis(bb, _batches(pixels, args.batch_size, "streaming PCA"), name=args.name or "",
+                          source={"kind": "world-task", "task": task, "split": split or "test",
+                                  "n": int(pixels.shape[0])})
+    elif args.images:
+        files = _all_images(Path(args.images))
+        basis = fit_basis(bb, _decoded_batches(bb, files, args.batch_size), name=args.name or "",
+                          source={"kind": "images", "images": str(Path(args.images).resolve()), "n": len(files)})
+    else:
+        raise SystemExit("give --images DIR, --world TASK[:SPLIT] or --basis FILE")
     if args.out:
         basis.save(args.out)
     if args.png:
@@ -249,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("spectrum", help="fit per-unit PCA bases and print the spectra")
     common(sp)
-    sp.add_argument("--images", default=None, help="ImageFolder root")
-    sp.add_argument("--out", default=None, help="write the basis (.safetensors)")
+    sp.add_argument("--images", default=None, help="a folder of images (flat or with class sub-folders; labels "
+                                                   "are not used), read --batch-size at a time")
+    sp.add_argument("--out", default=None, help="write the basis (.safetensors); drop it into the service's "
+                                                "artifacts/bases/ folder to serve it")
+    sp.add_argument("--name", default=None, help="the basis's name (GET /bases)")
     sp.add_argument("--basis", default=None, help="read this basis instead of fitting one")
     sp.add_argument("--png", default=None, help="write a layer x head heatmap of --value")
     sp.add_argument("--value", default="k_90", choices=["k_90", "k_99", "participation_ratio", "evr_1"])

@@ -46,6 +46,11 @@ class Unit:
     def label(self) -> str:
         return {"emb": "emb", "mlp": f"mlp.{self.layer}"}.get(self.type, f"head.{self.layer}.{self.head}")
 
+    @property
+    def name(self) -> str:
+        """The API's unit name: ``emb``, ``L<layer>.MLP`` or ``L<layer>.H<head>``."""
+        return {"emb": "emb", "mlp": f"L{self.layer}.MLP"}.get(self.type, f"L{self.layer}.H{self.head}")
+
 
 def unit_table(geometry: Geometry) -> list[Unit]:
     """Units in the paper's order: emb, MLPs by layer, heads by (layer, head)."""

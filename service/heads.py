@@ -2,15 +2,17 @@
 
 The API and the worker share this module:
 
-- :class:`HeadService` (API process) computes spectra and descriptions once per reference basis and caches them;
+- :class:`HeadService` (API process) computes spectra and descriptions once per basis (``?basis=ID``; default:
+  :meth:`service.bases.BasisStore.resolve`) and caches them;
   every backbone forward runs on the model owner (the one thread of all forwards): analyses through the request
   batcher, and a basis build in chunks of ``chunk`` images, so classify batches interleave with it and a shutdown
   stops it between chunks;
 - :func:`load_alignment_data` turns an alignment spec (world task, dataset id) into pixels and labels;
 - :func:`alignment_report` runs the library's :func:`residual.heads.head_alignment` and adds the request context.
 
-Samples: spectra's TwoNN and the text descriptions use the first ``heads_sample_images`` images of the
-reference set (``residual.tiny.reference.reference_images``); an alignment request scores heads on one part of
+Samples: spectra's TwoNN and the text descriptions use up to ``heads_sample_images`` images of the basis's own
+source (the world's reference set, a world task, or an uploaded dataset, spread over its classes); a basis built
+elsewhere from a folder has none, and says so. An alignment request scores heads on one part of
 its data and evaluates the ablation on another (world tasks: val and test splits; other data: stratified halves).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from residual.spectral import k_at, participation_ratio
 from residual.tiny import tasks
 from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_images
 from service.artifacts import ArtifactStore
+from service.bases import BasisInfo, BasisStore
 from service.errors import InvalidRequest, NotFound
 from service.pools import ModelOwner, Pool
 
@@ -64,8 +68,9 @@ def load_alignment_data(spec: dict[str, Any], bb: Backbone, datasets_dir: Path) 
 
 def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torch.Tensor | None,
                      eval_labels: torch.Tensor | None, class_emb: torch.Tensor, bb: Backbone, spec: dict[str, Any],
-                     split: str) -> dict[str, Any]:
-    """The library's head alignment plus the request context (model, label set, dataset)."""
+                     split: str, basis: Basis, basis_ref: dict[str, Any]) -> dict[str, Any]:
+    """The library's head alignment plus the request context (model, label set, dataset) and, per head, the
+    basis's spectrum (``k_90``, ``evr_1``): how specialised each head is next to how well it aligns."""
     g = bb.geometry
     p = spec.get("params", {})
     report = head_alignment(units, labels, class_emb, bb.logit_scale, g.layers, g.heads, eval_units, eval_labels,
@@ -73,8 +78,14 @@ def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torc
                             ablation=p.get("ablation", "mean"), top=p.get("top", 5))
     if split:
         report["split"] = split
+    eig = basis.eigenvalues[1 + g.layers :].double()  # (L*H, d)
+    evr = eig.cumsum(-1) / eig.sum(-1, keepdim=True).clamp_min(1e-300)  # (L*H, d)
+    k90 = k_at(evr, 0.9)  # (L*H,)
+    for row in report["heads"]:
+        i = row["layer"] * g.heads + row["head"]
+        row |= {"k_90": int(k90[i]), "evr_1": round(float(evr[i, 0]), 6)}
     return {"model": bb.name, "weights_id": bb.weights_id, "classes": spec["classes"],
-            "label_set_id": spec.get("label_set_id"), "dataset": _dataset_name(spec), **report}
+            "label_set_id": spec.get("label_set_id"), "dataset": _dataset_name(spec), "basis": basis_ref, **report}
 
 
 def _dataset_name(spec: dict[str, Any]) -> str:
@@ -84,27 +95,27 @@ def _dataset_name(spec: dict[str, Any]) -> str:
 
 
 class HeadService:
-    """Spectra and descriptions of the serving model's heads, cached per reference basis."""
+    """Spectra and descriptions of the serving model's heads, cached per basis."""
 
     def __init__(self, bb: Backbone, ln: LinearisedLN, forward: Forward, owner: ModelOwner, io: Pool, chunk: int,
-                 sample_images: int, artifacts: ArtifactStore,
+                 sample_images: int, artifacts: ArtifactStore, bases: BasisStore,
                  dictionary_embeddings: Callable[[list[str]], torch.Tensor], dictionary_path: Path | None = None,
                  reference_images_n: int = REFERENCE_SIZE, on_basis_images: Callable[[int], None] | None = None
                  ) -> None:
         self.bb, self.ln, self._forward, self.chunk = bb, ln, forward, chunk
         self.owner, self.io = owner, io
         self.sample_images = sample_images
-        self.artifacts = artifacts
+        self.artifacts, self.bases = artifacts, bases
         self.reference_images_n = reference_images_n
         self._on_basis_images = on_basis_images
         self._dictionary_embeddings = dictionary_embeddings
         self._dictionary_path = dictionary_path
-        self._basis: Basis | None = None
-        self._sample: torch.Tensor | None = None
-        self._spectra: dict[str, Any] | None = None
+        self._samples: OrderedDict[str, torch.Tensor | None] = OrderedDict()  # sample key -> (n, U, d) units
+        self._spectra: dict[str, dict[str, Any]] = {}  # basis id -> GET /heads body
         self._dictionary: tuple[list[str], torch.Tensor] | None = None
         self._lock = asyncio.Lock()
         self._thread_lock = threading.Lock()
+        self._build_lock = threading.Lock()
 
     # ---- shared pieces ----------------------------------------------------------------------------------------
     async def units(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -126,20 +137,55 @@ class HeadService:
                 self._on_basis_images(int(piece.shape[0]))
         return torch.cat(parts)
 
-    def basis(self) -> Basis:
-        """Blocking (an io thread); built once (single flight), on the model owner chunk by chunk."""
-        with self._thread_lock:
-            if self._basis is None:
-                self._basis = reference_basis(self.bb, cache_dir=self.artifacts.bases_dir, units=self._owner_units,
-                                              n=self.reference_images_n)
-            return self._basis
+    def basis(self, ref: str | None = None) -> tuple[BasisInfo, Basis]:
+        """Blocking (an io thread): ``ref`` (None: the default) -> (entry, basis); 404 / 409 as
+        :meth:`BasisStore.resolve`. The world basis (operator opt-in only) is built once, on the model owner chunk
+        by chunk."""
+        info = self.bases.resolve(ref)
+        if info is None:
+            with self._build_lock:  # single flight: concurrent first requests share one build
+                info = self.bases.resolve(ref)
+                if info is None:
+                    built = reference_basis(self.bb, cache_dir=self.artifacts.bases_dir, units=self._owner_units,
+                                            n=self.reference_images_n)
+                    info = self.bases.info_of(built)
+                    if info is None:
+                        raise RuntimeError("the world basis was built but is not in the store")
+        return info, self.bases.load(info)
 
-    async def sample(self) -> torch.Tensor:
-        if self._sample is None:
-            images = await self.io.run(reference_images, self.sample_images)  # world size; resized below
-            pixels = await self.io.run(self.bb.pixels_from_arrays, images)
-            self._sample = await self.units(pixels)
-        return self._sample
+    def _sample_pixels(self, source: dict[str, Any]) -> torch.Tensor | None:
+        """Blocking: up to ``sample_images`` images of the basis's own source, or None when the server cannot
+        read them (a basis built elsewhere from a folder)."""
+        n = self.sample_images
+        kind = source.get("kind")
+        if kind == "world":
+            return self.bb.pixels_from_arrays(reference_images(min(n, int(source.get("n") or n))))
+        if kind == "world-task":
+            images, _, _ = tasks.task_images(source["task"], source.get("split", "train"),
+                                             n=min(n, int(source.get("n") or n)))
+            return self.bb.pixels_from_arrays(images)
+        dataset = source.get("dataset")
+        folder = self.artifacts.datasets_dir / str(dataset)
+        if not dataset or not (folder / "manifest.json").is_file():
+            return None
+        files = json.loads((folder / "manifest.json").read_text())["files"]
+        picks = np.unique(np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int))  # every class
+        pixels = []
+        for i in picks:
+            with Image.open(folder / files[i][0]) as im:
+                im.seek(0)
+                pixels.append(self.bb.preprocess(im.convert("RGB")))
+        return torch.stack(pixels)
+
+    async def sample(self, info: BasisInfo) -> torch.Tensor | None:
+        """(n, U, d) units of images from the basis's source (TwoNN, descriptions); None when unavailable."""
+        key = json.dumps(info.source, sort_keys=True)
+        if key not in self._samples:
+            pixels = await self.io.run(self._sample_pixels, info.source)
+            self._samples[key] = None if pixels is None else await self.units(pixels)
+            while len(self._samples) > 2:  # a sample of a large model is hundreds of MB
+                self._samples.popitem(last=False)
+        return self._samples[key]
 
     def dictionary(self) -> tuple[list[str], torch.Tensor]:
         with self._thread_lock:
@@ -149,20 +195,22 @@ class HeadService:
             return self._dictionary
 
     # ---- GET /heads ---------------------------------------------------------------------------------------------
-    async def spectra(self) -> dict[str, Any]:
+    async def spectra(self, ref: str | None = None) -> dict[str, Any]:
         async with self._lock:
-            if self._spectra is None:
-                basis = await self.io.run(self.basis)
-                sample = await self.sample()
+            info, basis = await self.io.run(self.basis, ref)
+            if info.basis_id not in self._spectra:
+                sample = await self.sample(info)
                 rows = await self.io.run(unit_spectra, basis, sample, 32)
-                self._spectra = {
-                    "model": self.bb.name, "weights_id": self.bb.weights_id, "basis": basis.hash,
-                    "basis_samples": basis.n_samples, "basis_source": basis.source,
-                    "twonn_samples": int(sample.shape[0]),
+                self._spectra[info.basis_id] = {
+                    "model": self.bb.name, "weights_id": self.bb.weights_id, "basis": info.ref(),
+                    "basis_hash": basis.hash, "basis_samples": basis.n_samples,
+                    "twonn_samples": 0 if sample is None else int(sample.shape[0]),
                     "geometry": {"layers": self.bb.geometry.layers, "heads": self.bb.geometry.heads,
                                  "head_dim": self.bb.geometry.head_dim, "out_dim": self.bb.geometry.out_dim},
                     "units": [r.to_dict() for r in rows]}
-            return self._spectra
+                if sample is None:
+                    self._spectra[info.basis_id]["twonn_note"] = _NO_SAMPLE
+            return self._spectra[info.basis_id]
 
     def head_index(self, layer: int, head: int) -> int:
         g = self.bb.geometry
@@ -172,34 +220,38 @@ class HeadService:
 
     # ---- GET /heads/{layer}/{head} --------------------------------------------------------------------------------
     async def head_detail(self, layer: int, head: int, atoms: int, components: int, component_atoms: int,
-                          method: str) -> dict[str, Any]:
+                          method: str, ref: str | None = None) -> dict[str, Any]:
         idx = self.head_index(layer, head)
         g = self.bb.geometry
         unit = 1 + g.layers + idx
-        spectra = await self.spectra()
-        sample = await self.sample()
-        basis = await self.io.run(self.basis)
+        spectra = await self.spectra(ref)
+        info, basis = await self.io.run(self.basis, ref)
+        sample = await self.sample(info)
         texts, dic = await self.io.run(self.dictionary)
 
         def compute() -> dict[str, Any]:
             eig = basis.eigenvalues[unit]  # (d,)
             evr = eig.cumsum(0) / eig.sum().clamp_min(1e-30)
-            desc = describe_head(sample[:, unit], dic, atoms, method)
             comps = []
             for c in range(min(components, basis.head_components.shape[1])):
                 d = describe_component(basis.head_components[idx, c], dic, component_atoms)
                 comps.append({"component": c, "eigenvalue": float(eig[c]),
                               "explained_variance_ratio": float(eig[c] / eig.sum().clamp_min(1e-30)),
                               "texts": d.named(texts)})
-            return {"layer": layer, "head": head, "unit": unit, "basis": basis.hash,
-                    "summary": spectra["units"][unit],
-                    "eigenvalues": [float(v) for v in eig], "evr": [round(float(v), 6) for v in evr],
-                    "k_90": int(k_at(evr, 0.9)), "k_99": int(k_at(evr, 0.99)),
-                    "participation_ratio": float(participation_ratio(eig)),
-                    "description": {"method": method, "samples": int(sample.shape[0]),
-                                    "dictionary_size": len(texts), "texts": desc.named(texts),
-                                    "explained": [round(v, 6) for v in desc.explained]},
-                    "components": comps}
+            description: dict[str, Any] | None = None
+            if sample is not None:
+                desc = describe_head(sample[:, unit], dic, atoms, method)
+                description = {"method": method, "samples": int(sample.shape[0]), "dictionary_size": len(texts),
+                               "texts": desc.named(texts), "explained": [round(v, 6) for v in desc.explained]}
+            out = {"layer": layer, "head": head, "unit": unit, "basis": info.ref(), "basis_hash": basis.hash,
+                   "summary": spectra["units"][unit],
+                   "eigenvalues": [float(v) for v in eig], "evr": [round(float(v), 6) for v in evr],
+                   "k_90": int(k_at(evr, 0.9)), "k_99": int(k_at(evr, 0.99)),
+                   "participation_ratio": float(participation_ratio(eig)),
+                   "description": description, "components": comps}
+            if description is None:
+                out["description_note"] = _NO_SAMPLE
+            return out
 
         return await self.io.run(compute)
 
@@ -207,6 +259,7 @@ class HeadService:
     async def alignment(self, spec: dict[str, Any], class_emb: torch.Tensor,
                         inline: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
         """``inline``: (pixels, labels) already decoded; else the spec's world task or dataset."""
+        info, basis = await self.io.run(self.basis, spec.get("basis"))
         if inline is not None:
             s_pix, s_lab, e_pix, e_lab, split = inline[0], inline[1], None, None, ""
         else:
@@ -215,7 +268,11 @@ class HeadService:
         s_units = await self.units(s_pix)
         e_units = await self.units(e_pix) if e_pix is not None else None
         return await self.io.run(alignment_report, s_units, s_lab, e_units, e_lab, class_emb, self.bb, spec,
-                                       split)
+                                 split, basis, info.ref())
+
+
+_NO_SAMPLE = ("the images behind this basis are not in the artifact store (it was built elsewhere), so there is no "
+              "sample for TwoNN and head descriptions; build the basis with POST /bases on an uploaded dataset")
 
 
 def heads_matrix(report: dict[str, Any], key: str, layers: int, heads: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from service.metrics import JobsCollector, Metrics
 from service.model_store import ModelStore, label_set_id
 from service.pipeline import ImagePipeline, decode_threads
 from service.pools import ModelOwner, Pool
-from service.routes import classify, coefficients, datasets, embeddings, heads, health, jobs
+from service.routes import bases, classify, coefficients, datasets, embeddings, heads, health, jobs
 from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 
@@ -178,7 +178,7 @@ def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
 
     chunk = min(s.batch_size_for(store.backbone.device.type), s.max_queue)  # a chunk must fit the queue
     return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis, chunk,
-                       s.heads_sample_images, rt.artifacts, dictionary_embeddings, s.text_dictionary,
+                       s.heads_sample_images, rt.artifacts, store.bases, dictionary_embeddings, s.text_dictionary,
                        s.reference_basis_images, rt.metrics.reference_basis_images.inc)
 
 
@@ -243,6 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(coefficients.router)
     app.include_router(embeddings.router)
     app.include_router(heads.router)
+    app.include_router(bases.router)
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -22,14 +22,13 @@ from residual import (
     CoefficientSet,
     FusedAdapter,
     LinearisedLN,
-    ResidualError,
     fuse,
     load_backbone,
     resolve,
 )
 from residual.backbone import Backbone
-from residual.tiny.reference import shipped_basis_path
 from service.artifacts import ID_PATTERN, VERSION_PATTERN, ArtifactStore
+from service.bases import BasisStore
 from service.errors import InvalidRequest, NotFound
 from service.metrics import Metrics
 from service.pools import SingleFlight
@@ -120,8 +119,7 @@ class ModelStore:
         self.artifacts = ArtifactStore(settings.artifact_dir)
         self.coefficients = CoefficientCache(settings.coefficient_cache_bytes, settings.coefficient_load_concurrency,
                                              metrics)
-        self._bases: dict[str, Basis] | None = None
-        self._lock = threading.Lock()
+        self.bases = BasisStore(self.artifacts, self.backbone, settings.reference_basis)
         self.text_forwards = 0
 
     # ---- text -------------------------------------------------------------------------------------------------
@@ -143,35 +141,16 @@ class ModelStore:
         return self.artifacts.read_label_set(ident)
 
     # ---- coefficient sets ---------------------------------------------------------------------------------------
-    def _load_bases(self, refresh: bool = False) -> dict[str, Basis]:
-        with self._lock:
-            if self._bases is None or refresh:
-                bases: dict[str, Basis] = {}
-                paths = list(self.artifacts.bases_dir.glob("*.safetensors"))
-                if self.backbone.name == "residual-tiny" and shipped_basis_path().is_file():
-                    paths.append(shipped_basis_path())
-                for p in paths:
-                    try:
-                        b = Basis.load(p)
-                    except ResidualError as exc:
-                        logger.warning("skipping basis %s: %s", p, exc)
-                        continue
-                    if b.weights_id == self.backbone.weights_id:
-                        bases[b.hash] = b
-                self._bases = bases
-            return self._bases
-
     def _basis_for(self, basis_hash: str) -> Basis:
-        basis = self._load_bases().get(basis_hash)
-        if basis is None:  # a worker may have written a new basis ("fit-on-train") since the last scan
-            basis = self._load_bases(refresh=True).get(basis_hash)
-        if basis is None:
+        info = self.bases.by_hash(basis_hash)  # a fresh scan: a worker may have written it a moment ago
+        if info is None:
             raise NotFound(f"the basis {basis_hash} of this coefficient set is not available")
-        return basis
+        return self.bases.load(info)
 
     def any_basis(self) -> Basis | None:
         """Some basis of the serving model (coarse/linear sets only need its geometry)."""
-        return next(iter(self._load_bases().values()), None)
+        infos = self.bases.infos()
+        return self.bases.load(infos[0]) if infos else None
 
     def resolve_coefficients(self, ref: str) -> LoadedCoefficients:
         """``name`` (its active version) or ``name@version`` -> loaded, validated and fused (blocking: file I/O)."""

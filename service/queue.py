@@ -1,9 +1,9 @@
 """The job queue (RQ over Redis, JSON serializer only): enqueueing, reading and describing jobs.
 
-Blocking (synchronous redis-py): callers run these functions on the io pool, never on the event loop. Two kinds of
-job share the queue: ``fit-alignment`` (``service.worker.run_fit``) and ``head-alignment``
-(``service.worker.run_head_alignment``); each status route reads only its own kind, so a key that may read one
-kind can never read the other through it.
+Blocking (synchronous redis-py): callers run these functions on the io pool, never on the event loop. Three kinds of
+job share the queue: ``fit-alignment`` (``service.worker.run_fit``), ``head-alignment``
+(``service.worker.run_head_alignment``) and ``basis`` (``service.worker.run_basis``); each status route reads
+only its own kind, so a key that may read one kind can never read another through it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from rq.serializers import JSONSerializer
 from service.errors import BackendUnavailable, InvalidRequest, NotFound
 from service.worker import QUEUE_NAME, cancel_key
 
-__all__ = ["FIT", "HEADS", "cancel", "describe", "enqueue", "fetch", "list_jobs", "redis_call"]
+__all__ = ["BASIS", "FIT", "HEADS", "cancel", "describe", "enqueue", "fetch", "list_jobs", "redis_call"]
 
-FIT, HEADS = "fit-alignment", "head-alignment"
-_FUNCTIONS = {FIT: "service.worker.run_fit", HEADS: "service.worker.run_head_alignment"}
+FIT, HEADS, BASIS = "fit-alignment", "head-alignment", "basis"
+_FUNCTIONS = {FIT: "service.worker.run_fit", HEADS: "service.worker.run_head_alignment",
+              BASIS: "service.worker.run_basis"}
 
 T = TypeVar("T")
 

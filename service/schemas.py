@@ -136,7 +136,7 @@ class JobInfo(BaseModel):
         "enqueued_at": "2026-11-29T10:00:00", "ended_at": None}]})
 
     job_id: str
-    kind: str = Field(..., description="'fit-alignment' or 'head-alignment'")
+    kind: str = Field(..., description="'fit-alignment', 'head-alignment' or 'basis'")
     name: str | None
     status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
     progress: dict[str, Any] = Field(default_factory=dict, description="phase, fraction, epoch, val_accuracy...")
@@ -195,3 +195,46 @@ class Report(BaseModel):
     """A computed report (head spectra, head details, alignments); its fields are documented on each route."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class BasisRef(BaseModel):
+    """The basis a response was computed on."""
+
+    basis_id: str = Field(..., description="b-<16 hex>: derived from the content hash")
+    name: str
+    source: dict[str, Any] = Field(..., description="what the basis was fitted on: kind (dataset, world-task, world, "
+                                                    "images), dataset or task, n")
+    n_images: int
+
+
+class BasisOut(BasisRef):
+    model: str
+    weights_id: str
+    hash: str = Field(..., description="content hash (sha256 of the tensors)")
+    created_at: str
+    shipped: bool = Field(..., description="ships with the package")
+    k_90: dict[str, float] = Field(..., description="over the heads: mean, median, min and max number of components "
+                                                    "that explain 90 % of the variance")
+
+
+class BasisUnit(BaseModel):
+    unit: str = Field(..., description="'emb', 'L<layer>.MLP' or 'L<layer>.H<head>'")
+    k_90: int
+    k_99: int
+    evr_1: float
+
+
+class BasisDetail(BasisOut):
+    units: list[BasisUnit] = Field(..., description="one row per unit, in the paper's order")
+
+
+class DefaultBasis(BaseModel):
+    basis_id: str | None = Field(..., description="what a request without 'basis' uses now (null: none yet)")
+    rule: str = Field(..., description="why (RESIDUAL_REFERENCE_BASIS, the shipped basis, or the newest)")
+    problem: str | None = Field(None, description="set when requests that need a basis would fail (409)")
+
+
+class BasisList(BaseModel):
+    weights_id: str = Field(..., description="the served weights")
+    default: DefaultBasis
+    bases: list[BasisOut] = Field(..., description="newest first")

@@ -68,8 +68,12 @@ class Settings(BaseSettings):
     text_dictionary: Path | None = Field(
         None, description="text dictionary for head descriptions, one per line (default: the shipped one)")
 
+    reference_basis: str | None = Field(
+        None, description="the default basis: a basis id or name, or 'world' (opt in to the synthetic world's "
+                          "reference set, built on first use: right for the embedded model only); unset: the basis "
+                          "shipped with the weights, else the newest one built for them, else none (409)")
     reference_basis_images: PositiveInt = Field(
-        10_000, description="world images behind the reference basis built for weights that ship without one")
+        10_000, description="world images behind the world basis (RESIDUAL_REFERENCE_BASIS=world)")
 
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker Prometheus port (0: none)")
 

@@ -16,8 +16,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import redis
 import torch
 from PIL import Image
@@ -39,17 +41,18 @@ from residual import (
     load_backbone,
 )
 from residual.basis import Basis, basis_from_units
-from residual.decomposition import project_units
+from residual.decomposition import decompose, project_units
 from residual.io import load_tensors, save_tensors, tensors_hash
 from residual.tiny import tasks
-from residual.tiny.reference import reference_basis
+from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_batches, reference_source
 from service.artifacts import ArtifactStore
+from service.bases import BasisInfo, BasisStore
 from service.cache import queue_policy_warning
 from service.heads import alignment_report, load_alignment_data
 from service.settings import Settings, get_settings
 from service.worker_metrics import FEATURE_CACHE, FIT_SECONDS, JOBS_DONE
 
-__all__ = ["QUEUE_NAME", "cancel_key", "main", "run_fit", "run_head_alignment"]
+__all__ = ["QUEUE_NAME", "cancel_key", "main", "run_basis", "run_fit", "run_head_alignment"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +179,14 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     data = _features(bb, s, spec)
     extract_s = time.perf_counter() - started
     classes, templates = spec["classes"], spec["templates"]
+    bases = BasisStore(artifacts, bb, s.reference_basis)
     if spec["basis"] == "fit-on-train":
         _progress(phase="fitting basis")
-        basis = _basis_on(bb, data["train"][0], ln)
-        basis.save(artifacts.bases_dir / f"{basis.hash.replace(':', '_')}.safetensors")
+        basis = _basis_on(bb, data["train"][0], ln, spec)
+        info = bases.save(basis)
     else:
         _progress(phase="reference basis")
-        basis = reference_basis(bb, cache_dir=artifacts.bases_dir, n=s.reference_basis_images)
+        info, basis = _resolve_basis(bb, s, bases, spec["basis"])
     cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates, device=bb.device)
     h = spec.get("hyper", {})
     cfg = FitConfig(variant=spec["variant"], lr=h.get("lr"), batch_size=h.get("batch_size", 64),
@@ -204,7 +208,7 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     cs.report = {**result.report, "feature_extraction_s": round(extract_s, 3),
                  "total_wall_time_s": round(time.perf_counter() - started, 3),
                  "dataset": spec.get("dataset_id") or f"world:{spec['world']['task']}",
-                 "job_id": job.id if job else None}
+                 "basis": info.ref(), "job_id": job.id if job else None}
     tensors = {"lambdas": cs.lambdas}
     if cs.linear_weight is not None:
         tensors |= {"w": cs.linear_weight}
@@ -215,7 +219,19 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
     activated, why = _activate(artifacts, spec, version, active_at_start)
     _progress(phase="done", fraction=1.0)
     report = {k: v for k, v in cs.report.items() if k != "history"}
-    return {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why, "report": report}
+    return {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why,
+            "basis": info.ref(), "report": report}
+
+
+def _resolve_basis(bb: Backbone, s: Settings, bases: BasisStore, ref: str | None) -> tuple[BasisInfo, Basis]:
+    """A basis by id or name, or the default (``reference``); the world basis is built here only when the
+    operator opted in (RESIDUAL_REFERENCE_BASIS=world) and it does not exist yet. 404 / 409 as the API."""
+    info = bases.resolve(ref)
+    if info is None:
+        built = reference_basis(bb, cache_dir=bases.artifacts.bases_dir, n=s.reference_basis_images)
+        info = bases.info_of(built)
+        assert info is not None
+    return info, bases.load(info)
 
 
 def _flagged(conn: redis.Redis, job_id: str) -> bool:
@@ -233,8 +249,10 @@ def run_head_alignment(spec: dict[str, Any]) -> dict[str, Any]:
     if bb.weights_id != spec["weights_id"]:
         raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for {spec['weights_id']}")
     ln = LinearisedLN(bb)
+    artifacts = ArtifactStore(s.artifact_dir)
+    info, basis = _resolve_basis(bb, s, BasisStore(artifacts, bb, s.reference_basis), spec.get("basis"))
     _progress(phase="decoding", fraction=0.0)
-    s_pix, s_lab, e_pix, e_lab, split = load_alignment_data(spec, bb, ArtifactStore(s.artifact_dir).datasets_dir)
+    s_pix, s_lab, e_pix, e_lab, split = load_alignment_data(spec, bb, artifacts.datasets_dir)
     total = s_pix.shape[0] + (e_pix.shape[0] if e_pix is not None else 0)
     done = 0
 
@@ -252,16 +270,82 @@ def run_head_alignment(spec: dict[str, Any]) -> dict[str, Any]:
     e_units = units(e_pix) if e_pix is not None else None
     cls = class_embeddings(bb.encode_text, bb.tokenizer, spec["classes"], spec["templates"], device=bb.device)
     _progress(phase="scoring heads", fraction=1.0)
-    report = alignment_report(s_units, s_lab, e_units, e_lab, cls.cpu(), bb, spec, split)
+    report = alignment_report(s_units, s_lab, e_units, e_lab, cls.cpu(), bb, spec, split, basis, info.ref())
     JOBS_DONE.labels(status="succeeded").inc()
     _progress(phase="done", fraction=1.0)
     return report
 
 
-def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN) -> Basis:
+def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN, spec: dict[str, Any]) -> Basis:
     """The per-unit PCA of the task's own training images, from the cached raw features."""
     batches = (project_units(raw.select(slice(i, i + 512)).to(ln.proj.device), ln) for i in range(0, len(raw), 512))
-    return basis_from_units(bb, batches, source={"kind": "fit-on-train", "n": len(raw)})
+    if spec.get("world"):
+        source: dict[str, Any] = {"kind": "world-task", "task": spec["world"]["task"], "split": "train"}
+        name = f"fit-on-train-world-{spec['world']['task']}"
+    else:
+        source, name = {"kind": "dataset", "dataset": spec["dataset_id"]}, f"fit-on-train-{spec['dataset_id']}"
+    return basis_from_units(bb, batches, source={**source, "fit_on_train": True, "n": len(raw)}, name=name)
+
+
+def run_basis(spec: dict[str, Any]) -> dict[str, Any]:
+    """The RQ job behind ``POST /bases``: a streaming per-unit PCA over a dataset, a world task's train split or
+    the world's reference mixture, published as ``bases/<id>.safetensors``. Images are decoded (or rendered) and
+    extracted 256 at a time, so memory holds one chunk and progress moves from the first one; a cancel flag is
+    honoured between chunks."""
+    s = get_settings()
+    job = get_current_job()
+    conn = job.connection if job is not None else None
+    bb = _backbone(s)
+    if bb.weights_id != spec["weights_id"]:
+        raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for {spec['weights_id']}")
+    artifacts = ArtifactStore(s.artifact_dir)
+    ln = LinearisedLN(bb)
+    src = spec["source"]
+    chunks, total, source = _basis_chunks(bb, artifacts, src, int(spec["max_images"]))
+    _progress(phase="building basis", fraction=0.0, images=0, total=total)
+    done = 0
+
+    def unit_batches() -> Any:
+        nonlocal done
+        for pixels in chunks:
+            if conn is not None and job is not None and _flagged(conn, job.id):
+                raise FitCancelledError("cancelled while building the basis")
+            yield decompose(bb, pixels, ln).units  # (n, U, d)
+            done += int(pixels.shape[0])
+            _progress(phase="building basis", fraction=round(done / total, 3), images=done, total=total)
+
+    basis = basis_from_units(bb, unit_batches(), source=source, name=spec["name"])
+    info = BasisStore(artifacts, bb, s.reference_basis).save(basis)
+    JOBS_DONE.labels(status="succeeded").inc()
+    _progress(phase="done", fraction=1.0, images=done, total=total)
+    return {"basis": info.public()}
+
+
+def _basis_chunks(bb: Backbone, artifacts: ArtifactStore, src: dict[str, Any], max_images: int
+                  ) -> tuple[Iterator[torch.Tensor], int, dict[str, Any]]:
+    """(pixel chunks (n, 3, S, S), number of images, the basis's source record) of a ``POST /bases`` source."""
+    if src["kind"] == "world":
+        n = min(max_images, REFERENCE_SIZE)
+        return reference_batches(bb, n), n, reference_source(n)
+    if src["kind"] == "world-task":
+        labels, images = tasks.task_image_chunks(src["task"], "train", n=max_images, chunk=256)
+        n = len(labels)
+        return ((bb.pixels_from_arrays(c) for c in images), n,
+                {"kind": "world-task", "task": src["task"], "split": "train", "n": n})
+    folder = artifacts.datasets_dir / src["dataset"]
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    picks = np.unique(np.linspace(0, len(files) - 1, min(max_images, len(files))).round().astype(int))
+
+    def decoded() -> Iterator[torch.Tensor]:
+        for i in range(0, len(picks), 256):
+            pixels = []
+            for j in picks[i : i + 256]:
+                with Image.open(folder / files[j][0]) as im:
+                    im.seek(0)
+                    pixels.append(bb.preprocess(im.convert("RGB")))
+            yield torch.stack(pixels)
+
+    return decoded(), len(picks), {"kind": "dataset", "dataset": src["dataset"], "n": len(picks)}
 
 
 def _activate(artifacts: ArtifactStore, spec: dict[str, Any], version: str, expected: str | None) -> tuple[bool, str]:

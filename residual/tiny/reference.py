@@ -23,7 +23,8 @@ from residual.backbone import EMBEDDED_MODELS, Backbone, load_backbone
 from residual.basis import Basis, fit_basis
 from residual.tiny import world
 
-__all__ = ["REFERENCE_SEED", "REFERENCE_SIZE", "reference_basis", "reference_images", "reference_source"]
+__all__ = ["REFERENCE_SEED", "REFERENCE_SIZE", "reference_basis", "reference_batches", "reference_images",
+           "reference_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def reference_source(n: int = REFERENCE_SIZE) -> dict[str, object]:
     return {"kind": "world", "distribution": "sample_scene (training mixture)", "n": n, "seed": REFERENCE_SEED}
 
 
-def _batches(bb: Backbone, n: int = REFERENCE_SIZE) -> Iterator[torch.Tensor]:
+def reference_batches(bb: Backbone, n: int = REFERENCE_SIZE) -> Iterator[torch.Tensor]:
+    """The first ``n`` images of the reference set as pixel batches of the model's input size."""
     rng = np.random.default_rng(REFERENCE_SEED)
     for i in range(0, n, _CHUNK):
         scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, n - i))]
@@ -80,7 +82,8 @@ def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = Non
             if basis.weights_id == bb.weights_id:
                 return basis
     logger.info("building the reference basis of %s (%d world images)", bb.name, n)
-    basis = fit_basis(bb, _batches(bb, n), source=reference_source(n), units=units)
+    name = "world-reference" if n == REFERENCE_SIZE else f"world-reference-{n}"
+    basis = fit_basis(bb, reference_batches(bb, n), source=reference_source(n), units=units, name=name)
     if cache is not None:
         basis.save(cache)
     return basis
@@ -89,7 +92,7 @@ def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = Non
 def main() -> int:
     logging.basicConfig(level=logging.INFO)
     bb = load_backbone("residual-tiny", device="cpu")
-    basis = fit_basis(bb, _batches(bb), source=reference_source())
+    basis = fit_basis(bb, reference_batches(bb), source=reference_source(), name="world-reference")
     h = basis.save(shipped_basis_path())
     logger.info("wrote %s (%s)", shipped_basis_path(), h)
     return 0

@@ -42,7 +42,7 @@ Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # shown scores 
 
 def _unit_names(g: Geometry) -> list[str]:
     """Unit names in the paper's order: emb, L<l>.MLP, L<l>.H<h>."""
-    return [{"emb": "emb", "mlp": f"L{u.layer}.MLP"}.get(u.type, f"L{u.layer}.H{u.head}") for u in unit_table(g)]
+    return [u.name for u in unit_table(g)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown label set or coefficient set"},

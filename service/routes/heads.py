@@ -33,6 +33,9 @@ from service.schemas import HeadJobAccepted, InlineDataset, JobInfo, LabelSet, R
 router = APIRouter(tags=["heads"])
 
 SPECTRUM_VALUES = ("k_90", "k_99", "participation_ratio", "twonn", "evr_1")
+_BASIS_DOC = "a basis id or name (GET /bases); default: the default basis"
+_NO_BASIS = {409: {"description": "no basis for the served weights (build one with POST /bases), or a basis of "
+                                  "other weights"}, 404: {"description": "unknown basis"}}
 _PNG = {200: {"content": {"image/png": {}}, "description": "a PNG picture"}}
 
 
@@ -58,6 +61,8 @@ class AlignmentRequest(BaseModel):
     seeds: int = Field(10, ge=1, le=50, description="random head sets per fraction")
     ablation: Literal["mean", "zero"] = Field("mean", description="what an ablated unit becomes")
     top: int = Field(5, ge=1, le=100, description="top heads listed per score")
+    basis: str | None = Field(None, description="the basis whose per-head spectrum (k_90, evr_1) the report puts "
+                                                "next to the scores: an id or name; default: the default basis")
 
     @field_validator("fractions")
     @classmethod
@@ -70,26 +75,28 @@ class AlignmentRequest(BaseModel):
 # ---- spectra ------------------------------------------------------------------------------------------------------
 
 
-@router.get("/heads", response_model=Report, dependencies=[ApiKey],
+@router.get("/heads", response_model=Report, dependencies=[ApiKey], responses=_NO_BASIS,
             summary="Spectra and intrinsic dimension of every unit")
-async def list_heads(rt: RuntimeDep) -> dict[str, Any]:
+async def list_heads(rt: RuntimeDep, basis: str | None = Query(None, description=_BASIS_DOC)) -> dict[str, Any]:
     """One row per unit in paper order (emb, MLP of each layer, then each head by layer and head).
 
     Fields: cumulative explained-variance ratio of the first 32 components (``evr``), ``k_90`` and ``k_99`` (the
     number of components that explain more than 90 / 99 % of the variance), ``participation_ratio``
     ((sum of eigenvalues)^2 / sum of squares), ``evr_1`` and the TwoNN intrinsic dimension (``twonn``) on
-    ``twonn_samples`` reference images. The first call computes, later calls are served from memory.
+    ``twonn_samples`` images of the basis's own source. ``basis`` names the basis (id, name, source). The first
+    call per basis computes, later calls are served from memory. 409 when the served weights have no basis yet.
     """
     assert rt.heads is not None
-    return await rt.heads.spectra()
+    return await rt.heads.spectra(basis)
 
 
-@router.get("/heads/spectrum.png", dependencies=[ApiKey], responses=_PNG, response_class=Response,
+@router.get("/heads/spectrum.png", dependencies=[ApiKey], responses={**_PNG, **_NO_BASIS}, response_class=Response,
             summary="Layer x head heatmap of a spectral quantity")
 async def spectrum_png(rt: RuntimeDep, value: Literal["k_90", "k_99", "participation_ratio", "twonn", "evr_1"] =
-                       Query("k_90", description="the per-head quantity to draw")) -> Response:
+                       Query("k_90", description="the per-head quantity to draw"),
+                       basis: str | None = Query(None, description=_BASIS_DOC)) -> Response:
     assert rt.heads is not None
-    spectra = await rt.heads.spectra()
+    spectra = await rt.heads.spectra(basis)
     g = spectra["geometry"]
     matrix = heads_matrix(spectra, value, g["layers"], g["heads"])
     fmt = "{:.0f}" if value.startswith("k_") else "{:.2f}"
@@ -109,6 +116,8 @@ async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, An
                                        "top": body.top}}
     world, classes, templates = await world_and_label_set(body.dataset, body.world_sizes, AlignmentSizes,
                                                           body.label_set, body.label_set_id, rt, "head alignment")
+    info = await rt.io.run(rt.store.bases.resolve, body.basis)  # 404 / 409 now, not in the job
+    spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
     world_task = world["task"] if world else None
     if world:
         spec["world"] = world
@@ -174,7 +183,9 @@ async def _run_or_enqueue(body: AlignmentRequest, rt: Runtime) -> tuple[dict[str
 
 _ALIGN_ERRORS: dict[int | str, dict[str, Any]] = {
     202: {"description": "too many images to answer directly: a job was queued (see status_url)"},
-    404: {"description": "unknown dataset or label set"}, 413: {"description": "request or image too large"},
+    404: {"description": "unknown dataset, label set or basis"},
+    409: {"description": "no basis for the served weights (build one with POST /bases)"},
+    413: {"description": "request or image too large"},
     415: {"description": "undecodable image"}, 422: {"description": "invalid request"},
     503: {"description": "not ready, or the job queue is unavailable"}}
 
@@ -187,7 +198,8 @@ async def alignment(body: AlignmentRequest, rt: RuntimeDep) -> Any:
     between the head and the sum of all heads), with ranks (1 = best). ``ablation``: accuracy keeping only the
     top ``k`` heads by each score, every other unit replaced by its mean (or zero), against random heads (mean
     and std over ``seeds``) and all units. World tasks score on their val split and evaluate on their test split;
-    other data are split into stratified halves.
+    other data are split into stratified halves. Each head also carries the basis's ``k_90`` and ``evr_1``, and
+    ``basis`` names the basis.
     """
     report, accepted = await _run_or_enqueue(body, rt)
     return accepted if accepted is not None else report
@@ -250,29 +262,32 @@ async def alignment_job(job_id: str, rt: RuntimeDep) -> dict[str, Any]:
 
 
 @router.get("/heads/{layer}/{head}", response_model=Report, dependencies=[ApiKey],
-            responses={404: {"description": "no such head"}},
+            responses={**_NO_BASIS, 404: {"description": "no such head or basis"}},
             summary="One head: full spectrum and text descriptions")
 async def head_detail(layer: int, head: int, rt: RuntimeDep,
                       method: Literal["somp", "textspan"] = Query("somp", description="description algorithm"),
                       atoms: int = Query(10, ge=1, le=50, description="texts describing the head"),
                       components: int = Query(5, ge=0, le=32, description="principal components described"),
-                      component_atoms: int = Query(5, ge=1, le=20, description="texts per component")
-                      ) -> dict[str, Any]:
+                      component_atoms: int = Query(5, ge=1, le=20, description="texts per component"),
+                      basis: str | None = Query(None, description=_BASIS_DOC)) -> dict[str, Any]:
     """Eigenvalues and cumulative EVR of all components; the head's outputs on the reference sample described by
     ``atoms`` dictionary texts (weights: RMS coefficient for SOMP, explained variance for TextSpan); each of the
     top ``components`` principal components described by OMP (signed weights: a component's sign is arbitrary).
+    The head description needs images of the basis's source; for a basis built elsewhere it is null and
+    ``description_note`` says why.
     """
     assert rt.heads is not None
-    return await rt.heads.head_detail(layer, head, atoms, components, component_atoms, method)
+    return await rt.heads.head_detail(layer, head, atoms, components, component_atoms, method, basis)
 
 
-@router.get("/heads/{layer}/{head}/spectrum.png", dependencies=[ApiKey], responses={**_PNG, 404: {}},
+@router.get("/heads/{layer}/{head}/spectrum.png", dependencies=[ApiKey], responses={**_PNG, **_NO_BASIS},
             response_class=Response, summary="Explained-variance curve of one head (and its layer's MLP)")
 async def head_spectrum_png(layer: int, head: int, rt: RuntimeDep,
-                            n: int = Query(32, ge=2, le=4096, description="components drawn")) -> Response:
+                            n: int = Query(32, ge=2, le=4096, description="components drawn"),
+                            basis_ref: str | None = Query(None, alias="basis", description=_BASIS_DOC)) -> Response:
     assert rt.heads is not None
     idx = rt.heads.head_index(layer, head)
-    basis = await rt.analysis.run(rt.heads.basis)
+    _, basis = await rt.analysis.run(rt.heads.basis, basis_ref)
     g = rt.heads.bb.geometry
     curves = {}
     for name, unit in ((f"head {layer}.{head}", 1 + g.layers + idx), (f"mlp {layer}", 1 + layer)):

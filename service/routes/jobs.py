@@ -54,13 +54,15 @@ class FitRequest(BaseModel):
     world_sizes: WorldSizes | None = None
     variant: Literal["full", "fine", "coarse", "linear"] = "full"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[arg-type]
-    basis: Literal["reference", "fit-on-train"] = "reference"
+    basis: str = Field("reference", description="'reference' (the default basis), 'fit-on-train' (a PCA of this "
+                                                "dataset's training images), or a basis id or name (GET /bases)")
     activate: bool = Field(True, description="make the result the active version when the fit ends, unless the "
                                              "active version changed while the job ran (e.g. a rollback)")
 
 
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown dataset or label set"}, 422: {"description": "invalid request"},
+    404: {"description": "unknown dataset, label set or basis"}, 422: {"description": "invalid request"},
+    409: {"description": "no basis for the served weights (build one with POST /bases), or a basis of other weights"},
     503: {"description": "the job queue is unavailable"}}
 
 
@@ -75,6 +77,9 @@ async def submit_fit(body: FitRequest, rt: RuntimeDep) -> JobAccepted:
     spec: dict[str, Any] = {"name": body.name, "variant": body.variant, "basis": body.basis,
                             "hyper": body.hyperparameters.model_dump(), "weights_id": rt.store.backbone.weights_id,
                             "activate": body.activate}
+    if body.basis != "fit-on-train":  # 404 / 409 now rather than a failed job
+        info = await rt.io.run(rt.store.bases.resolve, body.basis)
+        spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
     world, classes, templates = await world_and_label_set(body.dataset, body.world_sizes, WorldSizes, body.label_set,
                                                           body.label_set_id, rt, "fitting")
     if world:
@@ -115,7 +120,7 @@ def _status(rt: Runtime, job_id: str) -> dict[str, Any]:
             summary="Status, progress and result of a fit job", responses={404: {"description": "unknown job"}})
 async def job_status(job_id: str, rt: RuntimeDep) -> dict[str, Any]:
     """A succeeded fit carries ``coefficients`` (name@version), ``activated`` (and ``activation`` saying why
-    not when false) and the fit ``report``."""
+    not when false), the ``basis`` it used and the fit ``report``."""
     return await rt.io.run(_status, rt, job_id)
 
 

@@ -92,6 +92,36 @@ def test_label_sets_embeddings_and_heads(service: str) -> None:
         assert "description" in rs.head(2, 1, atoms=3)
 
 
+def test_bases_build_list_and_use(service: str) -> None:
+    with Client(service, api_key=ADMIN) as rs:
+        done = rs.build_basis("client-shape", "world:shape", max_images=150).wait(timeout=300, poll_s=0.2)
+        made = done["basis"]
+        assert made["name"] == "client-shape" and made["n_images"] == 150 and done["kind"] == "basis"
+        listing = rs.bases()
+        assert made["basis_id"] in [b["basis_id"] for b in listing["bases"]]
+        assert listing["default"]["rule"] == "the basis shipped with the weights"  # tiny keeps its own
+        assert rs.basis("client-shape")["basis_id"] == made["basis_id"]
+        assert rs.heads(basis=made["basis_id"])["basis"]["name"] == "client-shape"
+        assert rs.head(2, 1, basis="client-shape", atoms=2)["basis"]["basis_id"] == made["basis_id"]
+        fitted = rs.fit("client-basis-fit", "world:colour", variant="fine", basis=made["basis_id"],
+                        world_sizes={"train": 100, "val": 30, "test": 20}, hyperparameters={"epochs": 1}
+                        ).wait(timeout=300, poll_s=0.2)
+        assert fitted["basis"]["basis_id"] == made["basis_id"]
+        with pytest.raises(APIError) as info:
+            rs.basis("no-such-basis")
+        assert info.value.status == 404
+
+    async def run() -> None:
+        async with AsyncClient(service, api_key=ADMIN) as rs:
+            assert made["basis_id"] in [b["basis_id"] for b in (await rs.bases())["bases"]]
+            assert (await rs.basis(made["basis_id"]))["name"] == "client-shape"
+            assert (await rs.heads(basis="client-shape"))["basis"]["basis_id"] == made["basis_id"]
+            job = await rs.build_basis("client-shape-2", "world:shape", max_images=60)
+            assert (await job.wait(timeout=300, poll_s=0.2))["basis"]["n_images"] == 60
+
+    asyncio.run(run())
+
+
 def test_fit_wait_activate_and_roll_back(service: str) -> None:
     sizes = {"train": 150, "val": 40, "test": 20}
     with Client(service, api_key=ADMIN) as rs:

@@ -43,7 +43,7 @@ def _run(redis_url: str, tmp_path: Path) -> None:
     labels = {"classes": list(tasks.TASKS["colour"].classes)}
     image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
     with api_server(redis_url, tmp_path / "artifacts", model_weights=str(weights),
-                    shutdown_timeout_s=str(GRACE_S)) as (client, proc):
+                    shutdown_timeout_s=str(GRACE_S), reference_basis="world") as (client, proc):
         assert client.post("/classify", json={"images": [image], "label_set": labels}).status_code == 200
         answers: dict[str, httpx.Response | Exception] = {}
 

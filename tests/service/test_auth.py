@@ -25,14 +25,15 @@ API_SCOPE = {  # classification and reads that neither enqueue work nor store da
     ("POST", "/classify"), ("GET", "/label-sets/{label_set_id}"), ("GET", "/coefficients"),
     ("GET", "/coefficients/{name}"), ("GET", "/heads"), ("GET", "/heads/spectrum.png"),
     ("GET", "/heads/{layer}/{head}"), ("GET", "/heads/{layer}/{head}/spectrum.png"), ("POST", "/v1/embeddings"),
-    ("GET", "/v1/models")}
+    ("GET", "/v1/models"), ("GET", "/bases"), ("GET", "/bases/{basis}")}
 ADMIN_SCOPE = {
     ("POST", "/label-sets"), ("POST", "/fit-alignment"), ("GET", "/fit-alignment"),
     ("GET", "/fit-alignment/{job_id}"), ("DELETE", "/fit-alignment/{job_id}"), ("POST", "/datasets"),
     ("GET", "/datasets/{dataset_id}"), ("POST", "/coefficients/{name}/activate"), ("POST", "/heads/alignment"),
-    ("POST", "/heads/alignment.png"), ("GET", "/heads/alignment/{job_id}"), ("GET", "/heads/alignment/{job_id}.png")}
+    ("POST", "/heads/alignment.png"), ("GET", "/heads/alignment/{job_id}"), ("GET", "/heads/alignment/{job_id}.png"),
+    ("POST", "/bases"), ("GET", "/bases/jobs/{job_id}"), ("DELETE", "/bases/jobs/{job_id}")}
 _PARAMS = {"label_set_id": "ls-" + "0" * 20, "name": "nope", "job_id": "0", "dataset_id": "ds-" + "0" * 20,
-           "layer": "0", "head": "0"}
+           "layer": "0", "head": "0", "basis": "b-" + "0" * 16}
 
 
 def _schema_operations() -> list[tuple[str, str]]:

@@ -10,6 +10,7 @@ from residual.dictionary import load_dictionary
 from residual.heads import head_alignment
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
+from service.bases import basis_id
 from tests.service.conftest import png_b64
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -21,7 +22,9 @@ def test_heads_table_matches_the_shipped_basis(client: TestClient) -> None:
     body = r.json()
     basis = Basis.load(shipped_basis_path())
     g = basis.geometry
-    assert body["basis"] == basis.hash and body["twonn_samples"] > 100
+    assert body["basis_hash"] == basis.hash and body["twonn_samples"] > 100
+    assert body["basis"] == {"basis_id": basis_id(basis.hash), "name": "residual-tiny-reference",
+                             "source": basis.source, "n_images": basis.n_samples}
     units = body["units"]
     assert len(units) == 1 + g.layers + g.layers * g.heads
     k90 = basis.pca().k_at(0.9)

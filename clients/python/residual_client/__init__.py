@@ -169,6 +169,21 @@ def _fit(name: str, dataset: Any, classes: Sequence[str] | None, templates: Sequ
     return _Call("POST", "/fit-alignment", {"json": body})
 
 
+def _build_basis(name: str, dataset: str, max_images: int | None) -> _Call:
+    body: dict[str, Any] = {"name": name, "dataset": dataset}
+    if max_images is not None:
+        body["max_images"] = max_images
+    return _Call("POST", "/bases", {"json": body})
+
+
+def _bases(all_weights: bool) -> _Call:
+    return _Call("GET", "/bases", {"params": {"all_weights": "true"} if all_weights else {}})
+
+
+def _heads(basis: str | None) -> _Call:
+    return _Call("GET", "/heads", {"params": {"basis": basis} if basis else {}})
+
+
 def _retry_after(r: httpx.Response, attempt: int) -> float:
     try:
         return max(0.0, float(r.headers.get("retry-after", "")))
@@ -291,11 +306,26 @@ class Client(_Base):
     def job(self, job_id: str) -> dict[str, Any]:
         return self._run(_Call("GET", f"/fit-alignment/{job_id}"))
 
-    # ---- heads ---------------------------------------------------------------------------------------------------
-    def heads(self) -> dict[str, Any]:
-        return self._run(_Call("GET", "/heads"))
+    # ---- bases and heads -----------------------------------------------------------------------------------------
+    def build_basis(self, name: str, dataset: str, max_images: int | None = None) -> Job:
+        """Build a basis on the worker from a dataset id, ``"world:<task>"`` or ``"world:mixture"``; ``wait()``
+        returns the job with its ``basis``."""
+        acc = self._run(_build_basis(name, dataset, max_images))
+        return Job(self, acc["job_id"], acc["status_url"])
+
+    def bases(self, all_weights: bool = False) -> dict[str, Any]:
+        """``{"weights_id", "default", "bases"}``: the served weights' bases, newest first, and the default."""
+        return self._run(_bases(all_weights))
+
+    def basis(self, basis: str) -> dict[str, Any]:
+        """One basis by id or name, with per-unit k_90 / k_99 / evr_1."""
+        return self._run(_Call("GET", f"/bases/{basis}"))
+
+    def heads(self, basis: str | None = None) -> dict[str, Any]:
+        return self._run(_heads(basis))
 
     def head(self, layer: int, head: int, **params: Any) -> dict[str, Any]:
+        """``params``: ``basis``, ``method``, ``atoms``, ``components``, ``component_atoms``."""
         return self._run(_Call("GET", f"/heads/{layer}/{head}", {"params": params}))
 
     def head_alignment(self, **body: Any) -> dict[str, Any]:
@@ -376,8 +406,24 @@ class AsyncClient(_Base):
     async def job(self, job_id: str) -> dict[str, Any]:
         return await self._run(_Call("GET", f"/fit-alignment/{job_id}"))
 
-    async def heads(self) -> dict[str, Any]:
-        return await self._run(_Call("GET", "/heads"))
+    async def build_basis(self, name: str, dataset: str, max_images: int | None = None) -> AsyncJob:
+        acc = await self._run(_build_basis(name, dataset, max_images))
+        return AsyncJob(self, acc["job_id"], acc["status_url"])
+
+    async def bases(self, all_weights: bool = False) -> dict[str, Any]:
+        return await self._run(_bases(all_weights))
+
+    async def basis(self, basis: str) -> dict[str, Any]:
+        return await self._run(_Call("GET", f"/bases/{basis}"))
+
+    async def heads(self, basis: str | None = None) -> dict[str, Any]:
+        return await self._run(_heads(basis))
+
+    async def head(self, layer: int, head: int, **params: Any) -> dict[str, Any]:
+        return await self._run(_Call("GET", f"/heads/{layer}/{head}", {"params": params}))
+
+    async def head_alignment(self, **body: Any) -> dict[str, Any]:
+        return await self._run(_Call("POST", "/heads/alignment", {"json": body}))
 
 
 def _previous(info: dict[str, Any]) -> str:
