@@ -116,8 +116,6 @@ async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, An
                                        "top": body.top}}
     world, classes, templates = await world_and_label_set(body.dataset, body.world_sizes, AlignmentSizes,
                                                           body.label_set, body.label_set_id, rt, "head alignment")
-    info = await rt.io.run(rt.store.bases.resolve, body.basis)  # 404 / 409 now, not in the job
-    spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
     world_task = world["task"] if world else None
     if world:
         spec["world"] = world
@@ -152,6 +150,8 @@ async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, An
             raise InvalidRequest(f"classes in the data that are not in the label set: {unknown}")
         spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
         n = len(ds.files)
+    info = await rt.io.run(rt.store.bases.resolve, body.basis)  # 404 / 409 now, not in a job
+    spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
     return spec, inline, n
 
 

@@ -77,9 +77,6 @@ async def submit_fit(body: FitRequest, rt: RuntimeDep) -> JobAccepted:
     spec: dict[str, Any] = {"name": body.name, "variant": body.variant, "basis": body.basis,
                             "hyper": body.hyperparameters.model_dump(), "weights_id": rt.store.backbone.weights_id,
                             "activate": body.activate}
-    if body.basis != "fit-on-train":  # 404 / 409 now rather than a failed job
-        info = await rt.io.run(rt.store.bases.resolve, body.basis)
-        spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
     world, classes, templates = await world_and_label_set(body.dataset, body.world_sizes, WorldSizes, body.label_set,
                                                           body.label_set_id, rt, "fitting")
     if world:
@@ -107,6 +104,9 @@ async def submit_fit(body: FitRequest, rt: RuntimeDep) -> JobAccepted:
             raise InvalidRequest(f"classes of the label set without images: {empty}")
         spec |= {"dataset_id": dataset.dataset_id, "class_map": {c: classes.index(c) for c in dataset.classes}}
     spec |= {"classes": classes, "templates": templates}
+    if body.basis != "fit-on-train":  # 404 / 409 now rather than a failed job (after every identifier is checked)
+        info = await rt.io.run(rt.store.bases.resolve, body.basis)
+        spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
     job = await rt.io.run(queue.enqueue, rt.jobs_redis, queue.FIT, spec, body.name, s.job_timeout_s,
                           s.job_result_ttl_s)
     return JobAccepted(job_id=job.id, status_url=f"/fit-alignment/{job.id}")
