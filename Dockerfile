@@ -22,7 +22,8 @@ RUN if [ "$TARGET" = "gpu" ]; then \
       pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.14.1" "torchvision==0.29.1"; \
     fi \
  && pip install ".[service]" \
- && python -c "import residual; residual.load_backbone('residual-tiny', device='cpu')"
+ && python -c "import residual; residual.load_backbone('residual-tiny', device='cpu')" \
+ && python -c "from service.routes.playground import STATIC_DIR as d; assert (d / 'playground.js').is_file(), d"
 
 # ---- runtime: the venv only, non-root ---------------------------------------------------------------------------
 FROM ${BASE} AS runtime

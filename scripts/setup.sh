@@ -11,3 +11,4 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
   || .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install -q -e ".[service,dev]"
 .venv/bin/pip install -q -e "clients/python[images,progress]"  # the torch-free client, tested against the service
+bash scripts/ensure-chromium.sh  # the playground test drives a real headless Chromium

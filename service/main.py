@@ -23,6 +23,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from residual import RawFeatures, extract
@@ -37,7 +39,7 @@ from service.metrics import JobsCollector, Metrics
 from service.model_store import ModelStore, label_set_id
 from service.pipeline import ImagePipeline, decode_threads
 from service.pools import ModelOwner, Pool
-from service.routes import bases, classify, coefficients, datasets, embeddings, heads, health, jobs
+from service.routes import bases, classify, coefficients, datasets, embeddings, heads, health, jobs, playground
 from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
 
@@ -231,9 +233,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     metrics.registry.register(JobsCollector(lambda: queue.counts(runtime.jobs_redis)))
 
-    app = FastAPI(title="ResiDual Serve", version="0.1.0", lifespan=lifespan,
-                  description="CLIP zero-shot classification aligned to your label set with ResiDual coefficient "
-                              "sets. Errors: `{\"error\": {\"type\", \"message\"}}`.")
+    # Swagger UI and ReDoc assets come from the fastapi-offline package: /docs and /redoc work without internet
+    # (/redoc is served by routes/playground.py, which keeps ReDoc's logo from being fetched from a CDN)
+    app = FastAPIOffline(title="ResiDual Serve", version="0.1.0", lifespan=lifespan, redoc_url=None,
+                         swagger_ui_parameters={"validatorUrl": None},  # no call to validator.swagger.io
+                         description="CLIP zero-shot classification aligned to your label set with ResiDual "
+                                     "coefficient sets. Errors: `{\"error\": {\"type\", \"message\"}}`.")
     app.state.runtime = runtime
     install(app)
     app.include_router(health.router)
@@ -244,6 +249,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(heads.router)
     app.include_router(bases.router)
+    app.include_router(playground.router)
+    app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_TIERS = ("unit", "service", "integration", "gpu", "slow")
+_TIERS = ("unit", "service", "integration", "browser", "gpu", "slow")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
