@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,6 +54,7 @@ class LoadedCoefficients:
     coefficients: CoefficientSet
     fused: FusedAdapter
     basis: Basis  # shared with the store's bases (not counted in nbytes); explanations need it
+    basis_ref: dict[str, Any] | None = None  # id, name, source of the basis the set was fitted on (None: no basis)
 
     @property
     def nbytes(self) -> int:
@@ -141,11 +143,11 @@ class ModelStore:
         return self.artifacts.read_label_set(ident)
 
     # ---- coefficient sets ---------------------------------------------------------------------------------------
-    def _basis_for(self, basis_hash: str) -> Basis:
+    def _basis_for(self, basis_hash: str) -> tuple[Basis, dict[str, Any]]:
         info = self.bases.by_hash(basis_hash)  # a fresh scan: a worker may have written it a moment ago
         if info is None:
             raise NotFound(f"the basis {basis_hash} of this coefficient set is not available")
-        return self.bases.load(info)
+        return self.bases.load(info), info.ref()
 
     def any_basis(self) -> Basis | None:
         """Some basis of the serving model (coarse/linear sets only need its geometry)."""
@@ -174,10 +176,10 @@ class ModelStore:
         cs = CoefficientSet.load(path)
         if cs.weights_id != self.backbone.weights_id:
             raise InvalidRequest(f"coefficient set {full_ref} was fitted on other model weights ({cs.weights_id})")
-        basis = self._basis_for(cs.basis_hash) if cs.basis_hash else self.any_basis()
+        basis, ref = self._basis_for(cs.basis_hash) if cs.basis_hash else (self.any_basis(), None)
         if basis is None:
             raise NotFound("no basis of the serving model is available")
         fused = fuse(resolve(cs, basis), self.ln)
         self.metrics.coefficient_sets_loaded.inc()
         logger.info("loaded coefficient set %s (%s, %d parameters)", full_ref, cs.variant, cs.n_parameters)
-        return LoadedCoefficients(full_ref, cs, fused, basis)
+        return LoadedCoefficients(full_ref, cs, fused, basis, ref)

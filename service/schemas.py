@@ -62,6 +62,16 @@ class ImageResult(BaseModel):
     top: list[Prediction]
 
 
+class BasisRef(BaseModel):
+    """The basis a response was computed on."""
+
+    basis_id: str = Field(..., description="b-<16 hex>: derived from the content hash")
+    name: str
+    source: dict[str, Any] = Field(..., description="what the basis was fitted on: kind (dataset, world-task, world, "
+                                                    "images), dataset or task, n")
+    n_images: int
+
+
 class ClassifyResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "model": "residual-tiny", "weights_id": "sha256:0123456789abcdef", "coefficients": None,
@@ -71,6 +81,8 @@ class ClassifyResponse(BaseModel):
     model: str
     weights_id: str
     coefficients: str | None = Field(..., description="name@version used, or null for zero-shot")
+    basis: BasisRef | None = Field(None, description="the basis the coefficient set was fitted on (null: zero-shot, "
+                                                     "or a coarse/linear set, which uses none)")
     label_set_id: str
     results: list[ImageResult] = Field(..., description="one entry per input image, in input order")
 
@@ -195,16 +207,6 @@ class Report(BaseModel):
     """A computed report (head spectra, head details, alignments); its fields are documented on each route."""
 
     model_config = ConfigDict(extra="allow")
-
-
-class BasisRef(BaseModel):
-    """The basis a response was computed on."""
-
-    basis_id: str = Field(..., description="b-<16 hex>: derived from the content hash")
-    name: str
-    source: dict[str, Any] = Field(..., description="what the basis was fitted on: kind (dataset, world-task, world, "
-                                                    "images), dataset or task, n")
-    n_images: int
 
 
 class BasisOut(BasisRef):

@@ -193,7 +193,8 @@ async def classify(request: Request, rt: RuntimeDep) -> ClassifyResponse:
         results.append(ImageResult(top=preds))
     rt.metrics.images_classified.inc(len(results))
     return ClassifyResponse(model=store.backbone.name, weights_id=store.backbone.weights_id,
-                            coefficients=loaded.ref if loaded else None, label_set_id=ls_id, results=results)
+                            coefficients=loaded.ref if loaded else None,
+                            basis=loaded.basis_ref if loaded else None, label_set_id=ls_id, results=results)
 
 
 @router.post("/label-sets", response_model=LabelSetCreated, status_code=201, dependencies=[AdminKey],

@@ -140,6 +140,7 @@ def test_a_basis_from_an_uploaded_dataset_drives_heads_fits_and_classify(redis: 
             r = client.post("/classify", files=files, data={"coefficients": "my-shapes-fit"})  # its own label set
             assert r.status_code == 200, r.text
             assert r.json()["coefficients"] == job["coefficients"] and len(r.json()["results"]) == 16
+            assert r.json()["basis"]["basis_id"] == made["basis_id"]  # the response names the basis it stands on
 
             world = _build_basis(client, {"name": "world-shape", "dataset": "world:shape", "max_images": 300})
             assert world["source"] == {"kind": "world-task", "task": "shape", "split": "train", "n": 300}
@@ -201,10 +202,12 @@ def test_vit_b_32_checkpoints_as_users_bring_them(redis: RedisServer, tmp_path: 
             assert r.status_code == 200, r.text
             out = r.json()
             assert out["coefficients"] == job["coefficients"] and out["weights_id"] == expected_id
+            assert out["basis"]["basis_id"] == made["basis_id"]
             for res in out["results"]:
                 assert sorted(p["label"] for p in res["top"]) == sorted(TASK.classes)
                 assert abs(sum(p["score"] for p in res["top"]) - 1) < 1e-4
             zero = client.post("/classify", json={**body, "coefficients": None}).json()
+            assert zero["basis"] is None
             assert zero["results"] != out["results"]  # the fitted set changed the scores
     finally:
         _stop(worker)
