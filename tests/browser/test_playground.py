@@ -121,6 +121,16 @@ def test_playground_classifies_explains_fits_and_docs_work_offline(service: http
         expect(spectrum).to_have_attribute("src", re.compile(r"^blob:"))
         wait_for(lambda: spectrum.evaluate("img => img.complete && img.naturalWidth") > 0, 30, "the spectrum PNG")
 
+        # keyboard: focus a head, Enter opens its spectrum; every form control has a label
+        other = page.locator('#why-body button[data-unit="L0.H2"]')
+        other.focus()
+        expect(page.locator("#head-info")).to_contain_text("Head 0.2")
+        page.keyboard.press("Enter")
+        expect(page.locator("#head-spectrum figcaption")).to_contain_text("head 0.2")
+        unlabelled = page.evaluate("() => [...document.querySelectorAll('input, select, textarea')]"
+                                   ".filter((e) => !e.labels || !e.labels.length).map((e) => e.id)")
+        assert unlabelled == []
+
         page.get_by_role("button", name="Load head spectra").click()
         page.wait_for_selector("#heads-body table")
         assert page.locator("#heads-body table").count() == 2
