@@ -1,12 +1,13 @@
 """The training worker: ``residual-worker`` runs RQ workers (JSON serializer only) that execute alignment fits.
 
-Pipeline of one job (``run_fit``): decode the dataset, extract raw per-head features once per (dataset, model
-weights) and cache them in the artifact store, fit with the library, write the coefficient set atomically
-(uuid temporary file, fsync, rename) under ``coefficients/<name>/<version>.safetensors`` and, when the job asks for
+Pipeline of one job (``run_fit``): decode the dataset and extract raw per-head features 256 images at a time,
+once per (dataset, model weights), and cache them in the artifact store, fit with the library, write the
+coefficient set atomically (uuid temporary file, fsync, rename) under ``coefficients/<name>/<version>.safetensors`` and, when the job asks for
 it, make it the active version, but only if the name's active version is still the one recorded when the job
 started (compare and set under the name's lock: a rollback made during the fit wins).
 Progress goes to the job's meta (phase, fraction, epoch, validation accuracy); ``DELETE /fit-alignment/{id}``
-sets a cancel flag that the fit polls between batches.
+sets a cancel flag that the fit polls between batches. ``run_basis`` builds a basis (``POST /bases``) and
+``run_head_alignment`` scores heads for a large ``POST /heads/alignment``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,27 +123,22 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
             out[split] = (RawFeatures.cat(parts), torch.from_numpy(labels))
         _progress(phase="extracting features", fraction=1.0)
     else:
-        _progress(phase="decoding", fraction=0.0, feature_cache="miss")
+        # decoded and extracted 256 images at a time: memory holds one chunk of pixels whatever the dataset's size
         folder = artifacts.datasets_dir / spec["dataset_id"]
         manifest = json.loads((folder / "manifest.json").read_text())
-        pixels, labels = [], []
-        for n, (rel, idx) in enumerate(manifest["files"]):
-            with Image.open(folder / rel) as im:
-                im.seek(0)
-                pixels.append(bb.preprocess(im.convert("RGB")))
-            labels.append(spec["class_map"][manifest["classes"][idx]])
-            if n % 100 == 0:
-                _progress(phase="decoding", fraction=round(n / len(manifest["files"]), 3))
-        train = torch.stack(pixels)
-        parts = []
-        for i in range(0, train.shape[0], 256):
-            parts.append(extract_batched(bb, train[i : i + 256])[0].to("cpu"))
-            _progress(phase="extracting features", fraction=round(min(i + 256, len(train)) / len(train), 3))
-        out["train"] = (RawFeatures.cat(parts), torch.tensor(labels))
+        files = manifest["files"]
+        targets = [spec["class_map"][manifest["classes"][idx]] for _, idx in files]
+        _progress(phase="extracting features", fraction=0.0, feature_cache="miss")
+        parts, done = [], 0
+        for pixels in _decoded_chunks(bb, folder, [rel for rel, _ in files]):
+            parts.append(extract_batched(bb, pixels)[0].to("cpu"))
+            done += int(pixels.shape[0])
+            _progress(phase="extracting features", fraction=round(done / len(files), 3))
+        out["train"] = (RawFeatures.cat(parts), torch.tensor(targets))
     tensors = {}
-    for split, (raw, labels) in out.items():
+    for split, (raw, split_labels) in out.items():
         tensors |= {f"{split}.emb": raw.emb, f"{split}.mlp": raw.mlp, f"{split}.heads": raw.heads,
-                    f"{split}.pre_ln": raw.pre_ln, f"{split}.labels": labels}
+                    f"{split}.pre_ln": raw.pre_ln, f"{split}.labels": split_labels}
     save_tensors(cache, tensors, {"splits": list(out), "weights_id": bb.weights_id})
     return out
 
@@ -335,17 +332,19 @@ def _basis_chunks(bb: Backbone, artifacts: ArtifactStore, src: dict[str, Any], m
     folder = artifacts.datasets_dir / src["dataset"]
     files = json.loads((folder / "manifest.json").read_text())["files"]
     picks = np.unique(np.linspace(0, len(files) - 1, min(max_images, len(files))).round().astype(int))
+    chunks = _decoded_chunks(bb, folder, [files[j][0] for j in picks])
+    return chunks, len(picks), {"kind": "dataset", "dataset": src["dataset"], "n": len(picks)}
 
-    def decoded() -> Iterator[torch.Tensor]:
-        for i in range(0, len(picks), 256):
-            pixels = []
-            for j in picks[i : i + 256]:
-                with Image.open(folder / files[j][0]) as im:
-                    im.seek(0)
-                    pixels.append(bb.preprocess(im.convert("RGB")))
-            yield torch.stack(pixels)
 
-    return decoded(), len(picks), {"kind": "dataset", "dataset": src["dataset"], "n": len(picks)}
+def _decoded_chunks(bb: Backbone, folder: Path, files: list[str], chunk: int = 256) -> Iterator[torch.Tensor]:
+    """Stored dataset files (paths relative to ``folder``) -> (<= chunk, 3, S, S) preprocessed pixel batches."""
+    for i in range(0, len(files), chunk):
+        pixels = []
+        for rel in files[i : i + chunk]:
+            with Image.open(folder / rel) as im:
+                im.seek(0)
+                pixels.append(bb.preprocess(im.convert("RGB")))
+        yield torch.stack(pixels)
 
 
 def _activate(artifacts: ArtifactStore, spec: dict[str, Any], version: str, expected: str | None) -> tuple[bool, str]:
