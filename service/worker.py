@@ -2,9 +2,10 @@
 
 Pipeline of one job (``run_fit``): decode the dataset and extract raw per-head features 256 images at a time,
 once per (dataset, model weights), and cache them in the artifact store, fit with the library, write the
-coefficient set atomically (uuid temporary file, fsync, rename) under ``coefficients/<name>/<version>.safetensors`` and, when the job asks for
-it, make it the active version, but only if the name's active version is still the one recorded when the job
-started (compare and set under the name's lock: a rollback made during the fit wins).
+coefficient set atomically (uuid temporary file, fsync, rename) under
+``coefficients/<name>/<version>.safetensors`` and, when the job asks for it, make it the active version, but only
+if the name's active version is still the one recorded when the job started (compare and set under the name's
+lock: a rollback made during the fit wins).
 Progress goes to the job's meta (phase, fraction, epoch, validation accuracy); ``DELETE /fit-alignment/{id}``
 sets a cancel flag that the fit polls between batches. ``run_basis`` builds a basis (``POST /bases``) and
 ``run_head_alignment`` scores heads for a large ``POST /heads/alignment``.
