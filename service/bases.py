@@ -36,6 +36,7 @@ from residual import Basis
 from residual.backbone import EMBEDDED_MODELS, Backbone
 from residual.basis import FORMAT
 from residual.errors import ResidualError
+from residual.heads import unit_spectra
 from residual.spectral import k_at
 from residual.tiny.reference import shipped_basis_path
 from service.artifacts import ArtifactStore
@@ -259,11 +260,8 @@ class BasisStore:
 
 def basis_units(basis: Basis) -> list[dict[str, Any]]:
     """Per-unit k at 0.9 / 0.99 and the first EVR, for GET /bases/{id}."""
-    eig = basis.eigenvalues.double()  # (U, d)
-    evr = eig.cumsum(-1) / eig.sum(-1, keepdim=True).clamp_min(1e-300)  # (U, d)
-    k90, k99 = k_at(evr, 0.9), k_at(evr, 0.99)
-    return [{"unit": u.name, "k_90": int(k90[i]), "k_99": int(k99[i]), "evr_1": round(float(evr[i, 0]), 6)}
-            for i, u in enumerate(basis.table)]
+    return [{"unit": u.name, "k_90": r.k_90, "k_99": r.k_99, "evr_1": round(r.evr_1, 6)}
+            for u, r in zip(basis.table, unit_spectra(basis, n_evr=1), strict=True)]
 
 
 def check_basis_name(name: str) -> str:

@@ -24,14 +24,19 @@ import tarfile
 import uuid
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+import numpy as np
+import torch
+from PIL import Image
+
 from service.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
 from service.images import decode_image
 
-__all__ = ["ArchiveLimits", "Dataset", "DatasetStore"]
+__all__ = ["ArchiveLimits", "Dataset", "DatasetStore", "decoded_chunks", "spread"]
 
 _ID = re.compile(r"^ds-[0-9a-f]{20}$")
 _EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif"}
@@ -220,6 +225,24 @@ class DatasetStore:
 
     def path(self, dataset_id: str) -> Path:
         return self.root / dataset_id
+
+
+def spread(n_files: int, n: int) -> list[int]:
+    """Up to ``n`` file indices spread evenly over ``n_files`` (manifests are in class order: every class shows)."""
+    return np.unique(np.linspace(0, n_files - 1, min(n, n_files)).round().astype(int)).tolist()
+
+
+def decoded_chunks(preprocess: Callable[[Image.Image], torch.Tensor], folder: Path, files: list[str],
+                   chunk: int = 256) -> Iterator[torch.Tensor]:
+    """Stored files (paths relative to ``folder``; validated at upload) -> preprocessed (<= chunk, 3, S, S) pixel
+    batches, so a caller holds one chunk of pixels whatever the dataset's size."""
+    for i in range(0, len(files), chunk):
+        pixels = []
+        for rel in files[i : i + chunk]:
+            with Image.open(folder / rel) as im:
+                im.seek(0)
+                pixels.append(preprocess(im.convert("RGB")))
+        yield torch.stack(pixels)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from residual import Backbone, Basis, LinearisedLN, RawFeatures, decompose, project_units
 from residual.dictionary import load_dictionary
@@ -38,6 +37,7 @@ from residual.tiny import tasks
 from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_images
 from service.artifacts import ArtifactStore
 from service.bases import BasisInfo, BasisStore
+from service.datasets import decoded_chunks, spread
 from service.errors import InvalidRequest, NotFound
 from service.pools import ModelOwner, Pool
 
@@ -57,13 +57,10 @@ def load_alignment_data(spec: dict[str, Any], bb: Backbone, datasets_dir: Path) 
                 torch.from_numpy(e_lab), "world task: scores on the val split, ablation on the test split")
     folder = datasets_dir / spec["dataset_id"]
     manifest = json.loads((folder / "manifest.json").read_text())
-    pixels, labels = [], []
-    for rel, idx in manifest["files"]:
-        with Image.open(folder / rel) as im:
-            im.seek(0)
-            pixels.append(bb.preprocess(im.convert("RGB")))
-        labels.append(spec["class_map"][manifest["classes"][idx]])
-    return torch.stack(pixels), torch.tensor(labels), None, None, ""
+    files = manifest["files"]
+    labels = [spec["class_map"][manifest["classes"][idx]] for _, idx in files]
+    pixels = torch.cat(list(decoded_chunks(bb.preprocess, folder, [rel for rel, _ in files])))
+    return pixels, torch.tensor(labels), None, None, ""
 
 
 def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torch.Tensor | None,
@@ -78,12 +75,10 @@ def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torc
                             ablation=p.get("ablation", "mean"), top=p.get("top", 5))
     if split:
         report["split"] = split
-    eig = basis.eigenvalues[1 + g.layers :].double()  # (L*H, d)
-    evr = eig.cumsum(-1) / eig.sum(-1, keepdim=True).clamp_min(1e-300)  # (L*H, d)
-    k90 = k_at(evr, 0.9)  # (L*H,)
+    spectrum = {(r.layer, r.head): r for r in unit_spectra(basis, n_evr=1) if r.type == "head"}
     for row in report["heads"]:
-        i = row["layer"] * g.heads + row["head"]
-        row |= {"k_90": int(k90[i]), "evr_1": round(float(evr[i, 0]), 6)}
+        r = spectrum[(row["layer"], row["head"])]
+        row |= {"k_90": r.k_90, "evr_1": round(r.evr_1, 6)}
     return {"model": bb.name, "weights_id": bb.weights_id, "classes": spec["classes"],
             "label_set_id": spec.get("label_set_id"), "dataset": _dataset_name(spec), "basis": basis_ref, **report}
 
@@ -169,13 +164,8 @@ class HeadService:
         if not dataset or not (folder / "manifest.json").is_file():
             return None
         files = json.loads((folder / "manifest.json").read_text())["files"]
-        picks = np.unique(np.linspace(0, len(files) - 1, min(n, len(files))).round().astype(int))  # every class
-        pixels = []
-        for i in picks:
-            with Image.open(folder / files[i][0]) as im:
-                im.seek(0)
-                pixels.append(self.bb.preprocess(im.convert("RGB")))
-        return torch.stack(pixels)
+        picked = [files[i][0] for i in spread(len(files), n)]
+        return torch.cat(list(decoded_chunks(self.bb.preprocess, folder, picked)))
 
     async def sample(self, info: BasisInfo) -> torch.Tensor | None:
         """(n, U, d) units of images from the basis's source (TwoNN, descriptions); None when unavailable."""

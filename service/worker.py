@@ -19,13 +19,10 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import redis
 import torch
-from PIL import Image
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker, get_current_job
 from rq.serializers import JSONSerializer
@@ -51,6 +48,7 @@ from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_b
 from service.artifacts import ArtifactStore
 from service.bases import BasisInfo, BasisStore
 from service.cache import queue_policy_warning
+from service.datasets import decoded_chunks, spread
 from service.heads import alignment_report, load_alignment_data
 from service.settings import Settings, get_settings
 from service.worker_metrics import FEATURE_CACHE, FIT_SECONDS, JOBS_DONE
@@ -131,7 +129,7 @@ def _features(bb: Backbone, s: Settings, spec: dict[str, Any]) -> dict[str, tupl
         targets = [spec["class_map"][manifest["classes"][idx]] for _, idx in files]
         _progress(phase="extracting features", fraction=0.0, feature_cache="miss")
         parts, done = [], 0
-        for pixels in _decoded_chunks(bb, folder, [rel for rel, _ in files]):
+        for pixels in decoded_chunks(bb.preprocess, folder, [rel for rel, _ in files]):
             parts.append(extract_batched(bb, pixels)[0].to("cpu"))
             done += int(pixels.shape[0])
             _progress(phase="extracting features", fraction=round(done / len(files), 3))
@@ -332,20 +330,9 @@ def _basis_chunks(bb: Backbone, artifacts: ArtifactStore, src: dict[str, Any], m
                 {"kind": "world-task", "task": src["task"], "split": "train", "n": n})
     folder = artifacts.datasets_dir / src["dataset"]
     files = json.loads((folder / "manifest.json").read_text())["files"]
-    picks = np.unique(np.linspace(0, len(files) - 1, min(max_images, len(files))).round().astype(int))
-    chunks = _decoded_chunks(bb, folder, [files[j][0] for j in picks])
+    picks = spread(len(files), max_images)
+    chunks = decoded_chunks(bb.preprocess, folder, [files[j][0] for j in picks])
     return chunks, len(picks), {"kind": "dataset", "dataset": src["dataset"], "n": len(picks)}
-
-
-def _decoded_chunks(bb: Backbone, folder: Path, files: list[str], chunk: int = 256) -> Iterator[torch.Tensor]:
-    """Stored dataset files (paths relative to ``folder``) -> (<= chunk, 3, S, S) preprocessed pixel batches."""
-    for i in range(0, len(files), chunk):
-        pixels = []
-        for rel in files[i : i + chunk]:
-            with Image.open(folder / rel) as im:
-                im.seek(0)
-                pixels.append(bb.preprocess(im.convert("RGB")))
-        yield torch.stack(pixels)
 
 
 def _activate(artifacts: ArtifactStore, spec: dict[str, Any], version: str, expected: str | None) -> tuple[bool, str]:
