@@ -25,6 +25,8 @@ Every variant is thus y = sum_u c_u A_u + offset, which :class:`ResolvedAdapter`
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +37,42 @@ from residual.basis import Basis
 from residual.classifier import LOGIT_CONVENTION
 from residual.decomposition import LinearisedLN, RawFeatures
 from residual.errors import BasisMismatchError, CoefficientShapeError
-from residual.io import load_tensors, save_tensors
+from residual.io import load_tensors, save_tensors, tensors_hash
 
-__all__ = ["VARIANTS", "CoefficientSet", "FusedAdapter", "ResolvedAdapter", "adapted_units", "apply_fused",
-           "apply_many", "fuse", "init_coefficients", "resolve"]
+__all__ = ["VARIANTS", "VARIANT_INFO", "CoefficientSet", "FusedAdapter", "ResolvedAdapter", "VariantInfo",
+           "adapted_units", "apply_fused", "apply_many", "fuse", "init_coefficients", "resolve"]
 
 VARIANTS = ("coarse", "fine", "full", "linear")
 FORMAT = "residual.coefficients/1"
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """What a variant learns, whether it needs a basis, and whether its initial coefficients are zero-shot."""
+
+    parameters: str  # what the learned numbers are, in words
+    uses_basis: bool  # needs a per-unit PCA basis
+    starts_at_zero_shot: bool  # the initial coefficients reproduce the unadapted model exactly
+    starting_point: str  # what the initial coefficients (epoch 0 of a fit) compute, in words
+
+
+VARIANT_INFO: dict[str, VariantInfo] = {
+    "coarse": VariantInfo(
+        "one lambda per head (L*H)", False, False,
+        "not zero-shot: coarse keeps the heads only (the embedding and MLP units are dropped), so the initial "
+        "lambdas (all ones) give the heads-only model"),
+    "fine": VariantInfo(
+        "one lambda per principal component kept per head (k at the EVR threshold, default 0.9)", True, False,
+        "not zero-shot: fine keeps the heads only, each projected on its top-k components (the embedding, the MLPs "
+        "and the remaining components are dropped), so the initial lambdas give that projected model"),
+    "full": VariantInfo(
+        "one lambda per stored principal component of every head and MLP", True, True,
+        "zero-shot: with all lambdas 1 (the initial coefficients) full is exactly the unadapted model"),
+    "linear": VariantInfo(
+        "a d x d matrix and a bias on the output embedding (a baseline, not ResiDual)", False, True,
+        "zero-shot: the linear map starts at the identity (y = z)"),
+}
+"""Each variant in words (the README, the API docs and every fit report use these)."""
 
 
 @dataclass
@@ -70,6 +101,24 @@ class CoefficientSet:
             assert self.linear_bias is not None
             return self.linear_weight.numel() + self.linear_bias.numel()
         return int(self.lambdas.numel())
+
+    def identity(self) -> str:
+        """Content hash of everything that changes this set's answers: ``sha256:<16 hex>``.
+
+        The lambdas, k, the linear weight and bias, the label set (classes and templates, in order), the variant,
+        the basis, ``add_mean``, the model weights and the logit convention. Two sets with the same identity score
+        every image identically; a refit with a new label set but unchanged lambdas gets a new identity.
+        """
+        tensors = {"lambdas": self.lambdas.float(), "k": self.k.to(torch.int64)}
+        if self.linear_weight is not None:
+            tensors["linear_weight"] = self.linear_weight.float()
+        if self.linear_bias is not None:
+            tensors["linear_bias"] = self.linear_bias.float()
+        meta = json.dumps({"variant": self.variant, "weights_id": self.weights_id, "basis_hash": self.basis_hash,
+                           "classes": self.classes, "templates": self.templates, "add_mean": self.add_mean,
+                           "convention": self.convention}, sort_keys=True, ensure_ascii=False)
+        h = hashlib.sha256(tensors_hash(tensors).encode() + b"\0" + meta.encode())
+        return "sha256:" + h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike[str]) -> None:
         tensors = {"lambdas": self.lambdas.float(), "k": self.k.to(torch.int64)}

@@ -42,7 +42,7 @@ from residual import (
 )
 from residual.basis import Basis, basis_from_units
 from residual.decomposition import decompose, project_units
-from residual.io import load_tensors, save_tensors, tensors_hash
+from residual.io import load_tensors, save_tensors
 from residual.tiny import tasks
 from residual.tiny.reference import REFERENCE_SIZE, reference_basis, reference_batches, reference_source
 from service.artifacts import ArtifactStore
@@ -205,18 +205,24 @@ def _run_fit(spec: dict[str, Any]) -> dict[str, Any]:
                  "total_wall_time_s": round(time.perf_counter() - started, 3),
                  "dataset": spec.get("dataset_id") or f"world:{spec['world']['task']}",
                  "basis": info.ref(), "job_id": job.id if job else None}
-    tensors = {"lambdas": cs.lambdas}
-    if cs.linear_weight is not None:
-        tensors |= {"w": cs.linear_weight}
-    version = "v-" + tensors_hash(tensors).split(":")[1][:12]
+    # the version is the identity of everything that changes the set's answers (lambdas, label set, variant,
+    # basis, add_mean, weights): a refit that changes only the templates is a new version
+    version = "v-" + cs.identity().split(":")[1][:12]
     path = artifacts.coefficient_path(spec["name"], version)
-    if not path.exists():
+    written = not path.exists()
+    if written:
         cs.save(path)  # atomic: uuid temporary file, fsync, rename
     activated, why = _activate(artifacts, spec, version, active_at_start)
     _progress(phase="done", fraction=1.0)
     report = {k: v for k, v in cs.report.items() if k != "history"}
-    return {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why,
-            "basis": info.ref(), "report": report}
+    out = {"coefficients": f"{spec['name']}@{version}", "activated": activated, "activation": why,
+           "basis": info.ref(), "written": written, "report": report}
+    if not written:  # the stored file keeps the report of the job that wrote it
+        out["identical_to"] = version
+        out["message"] = (f"identical to {spec['name']}@{version}, which already exists (same lambdas, label set, "
+                          "variant, basis and weights); nothing was written, and the stored version keeps the "
+                          "report of the job that wrote it")
+    return out
 
 
 def _resolve_basis(bb: Backbone, s: Settings, bases: BasisStore, ref: str | None) -> tuple[BasisInfo, Basis]:
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("%s", warning)
     if s.worker_metrics_port:
         try:
-            start_http_server(s.worker_metrics_port)
+            start_http_server(s.worker_metrics_port, addr=s.worker_metrics_host)
         except OSError as exc:  # a busy port must not keep the worker from taking jobs
             logger.warning("worker metrics not served on port %d: %s", s.worker_metrics_port, exc)
     _backbone(s)  # load before taking jobs

@@ -131,6 +131,36 @@ def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
     assert _worker_metric('residual_feature_cache_lookups_total{result="miss"}') >= 1
 
 
+def test_refit_with_new_templates_is_a_new_version_with_its_label_set(api: TestClient) -> None:
+    """Issue 23.1: with a learning rate too small to move a float32 lambda, no epoch beats the initial coefficients,
+    so every fit keeps all-ones lambdas; a refit with other templates must still be a new version holding them."""
+    t = tasks.TASKS["colour"]
+    body = {"name": "refit", "dataset": "world:colour", "variant": "full",
+            "world_sizes": {"train": 60, "val": 30, "test": 20}, "hyperparameters": {"epochs": 1, "lr": 1e-9}}
+    old_templates, new_templates = ["a photo of a {} object."], ["something coloured {}.", "a {} thing."]
+    jobs = {}
+    for key, templates in (("old", old_templates), ("new", new_templates), ("again", new_templates)):
+        r = api.post("/fit-alignment", json={**body, "label_set": {"classes": list(t.classes), "templates": templates}})
+        assert r.status_code == 202, r.text
+        jobs[key] = wait_status(api, r.json()["job_id"], {"succeeded", "failed"})
+        assert jobs[key]["status"] == "succeeded", jobs[key]
+        assert jobs[key]["report"]["best_epoch"] == 0  # the initial (all-ones) lambdas were kept
+    old_v, new_v = (jobs[k]["coefficients"].split("@")[1] for k in ("old", "new"))
+    assert old_v != new_v
+    assert jobs["old"]["written"] and jobs["new"]["written"] and jobs["new"]["activated"]
+    versions = {v["version"]: v for v in api.get("/coefficients/refit").json()["versions"]}
+    assert versions[new_v]["label_set"]["templates"] == new_templates
+    assert versions[old_v]["label_set"]["templates"] == old_templates
+    assert versions[new_v]["report"]["job_id"] == jobs["new"]["job_id"]
+    again = jobs["again"]
+    assert again["coefficients"] == f"refit@{new_v}" and again["written"] is False
+    assert again["identical_to"] == new_v and f"identical to refit@{new_v}" in again["message"]
+    # the stored version keeps the report of the job that wrote it, not the identical rerun's
+    listing = api.get("/coefficients/refit").json()
+    assert listing["active"] == new_v
+    assert {v["version"]: v for v in listing["versions"]}[new_v]["report"]["job_id"] == jobs["new"]["job_id"]
+
+
 def _archive(entries: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:

@@ -185,3 +185,32 @@ def test_unit_shares_sum_to_the_adapter_and_explain_the_logits_exactly(setup, va
     # zero-shot: the model's own units explain its own logits
     zs = explain_logits(dec.units, class_emb, bb.logit_scale)
     assert float((zs.sum(1) - zero_shot_logits(dec.embedding, class_emb, bb.logit_scale)).abs().max()) <= 1e-4
+
+
+def test_identity_covers_everything_that_changes_the_answers(setup) -> None:
+    """A version id is this identity: each field that changes the scores must change it (issue 23.1)."""
+    import dataclasses
+
+    _, basis, _, _ = setup
+    base = init_coefficients("full", basis, ["a", "b"], ["a photo of a {}."])
+    same = init_coefficients("full", basis, ["a", "b"], ["a photo of a {}."])
+    assert base.identity() == same.identity()  # created_at and the report do not count
+    same.report = {"job_id": "other"}
+    assert base.identity() == same.identity()
+    changed = {
+        "templates": dataclasses.replace(base, templates=["a {}."]),
+        "classes": dataclasses.replace(base, classes=["a", "c"]),
+        "class order": dataclasses.replace(base, classes=["b", "a"]),
+        "variant": dataclasses.replace(base, variant="fine"),
+        "basis": dataclasses.replace(base, basis_hash="sha256:0000000000000000"),
+        "add_mean": dataclasses.replace(base, add_mean=False),
+        "weights": dataclasses.replace(base, weights_id="sha256:1111111111111111"),
+        "lambdas": dataclasses.replace(base, lambdas=base.lambdas + 1e-3),
+    }
+    ids = {name: cs.identity() for name, cs in changed.items()}
+    assert base.identity() not in ids.values()
+    assert len(set(ids.values())) == len(ids)
+    linear = init_coefficients("linear", basis, ["a", "b"], ["{}"])
+    assert linear.linear_bias is not None
+    shifted = dataclasses.replace(linear, linear_bias=linear.linear_bias + 1.0)
+    assert linear.identity() != shifted.identity()
