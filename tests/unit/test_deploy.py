@@ -41,6 +41,61 @@ def test_rendering_without_generated_secrets_fails(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "deploy", copy, ignore=shutil.ignore_patterns("secrets.env"))
     done = subprocess.run([_kubectl(), "kustomize", str(copy / "k8s/overlays/cpu")], capture_output=True, text=True)
     assert done.returncode != 0 and "secrets.env" in done.stderr
+    # the documented way to render says what to do, instead of kustomize's "evalsymlink failure"
+    for overlay in ("cpu", "gpu"):
+        done = subprocess.run(["bash", str(copy / "render.sh"), overlay], capture_output=True, text=True)
+        assert done.returncode == 1 and "run deploy/make-secrets.sh first" in done.stderr, done.stderr
+    assert subprocess.run(["bash", str(copy / "render.sh"), "tpu"], capture_output=True).returncode == 2
+
+
+def test_readme_makes_the_secrets_before_any_render() -> None:
+    """The first command of deploy/README that renders or applies comes after the one that makes the keys."""
+    commands, fenced = [], False
+    for line in (ROOT / "deploy/README.md").read_text().splitlines():
+        if line.strip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            commands.append(line)
+    renders = [i for i, c in enumerate(commands) if re.search(r"kubectl (kustomize|apply)|render\.sh", c)]
+    secrets = [i for i, c in enumerate(commands) if "make-secrets.sh" in c]
+    assert renders and secrets and secrets[0] < renders[0], (commands[renders[0]] if renders else None)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_each_overlay_deploys_its_own_image(overlay: str, deploy_copy: Path) -> None:
+    """Issue 23.2: the GPU overlay rendered the CPU image, because the base had renamed it before the overlay's
+    `images` could match. Every container of ours runs the overlay's image and device."""
+    out = subprocess.run(["bash", str(deploy_copy / "render.sh"), overlay], check=True, capture_output=True,
+                         text=True).stdout
+    objs = [d for d in yaml.safe_load_all(out) if d]
+    pods = _pod_specs(objs)
+    ours = {name: spec for name, spec in pods.items() if name in ("residual-api", "residual-worker")}
+    assert set(ours) == {"residual-api", "residual-worker"}
+    for name, spec in ours.items():
+        (container,) = spec["containers"]
+        assert container["image"] == f"registry.example.com/residual-serve:0.1.0-{overlay}", (name, container["image"])
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu")
+        assert gpus == (1 if overlay == "gpu" else None), name
+    device = next(o for o in objs if o["kind"] == "ConfigMap")["data"]["RESIDUAL_DEVICE"]
+    assert device == ("cuda" if overlay == "gpu" else "cpu")
+    redis_images = [c["image"] for name, spec in pods.items() if name not in ours for c in spec["containers"]]
+    assert redis_images and all(i.startswith("redis:") for i in redis_images)
+
+
+def test_worker_metrics_are_scraped_on_their_own_port(deploy_copy: Path) -> None:
+    from service.settings import Settings
+
+    objs = render("cpu", deploy_copy)
+    config = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+    port = int(config["RESIDUAL_WORKER_METRICS_PORT"])
+    assert port != 9100 and Settings.model_fields["worker_metrics_port"].default != 9100  # node_exporter's port
+    assert config["RESIDUAL_WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert Settings.model_fields["worker_metrics_host"].default == "127.0.0.1"  # loopback outside Kubernetes
+    worker = _pod_specs(objs)["residual-worker"]["containers"][0]
+    assert {"name": "metrics", "containerPort": port} in worker["ports"]
+    monitor = next(o for o in objs if o["kind"] == "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "residual-worker"}
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 def test_generated_secrets_are_real_keys(deploy_copy: Path) -> None:
