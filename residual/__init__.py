@@ -16,10 +16,12 @@ from residual.backbone import EMBEDDED_MODELS, Backbone, Geometry, load_backbone
 from residual.basis import Basis, fit_basis
 from residual.classifier import LOGIT_CONVENTION, class_embeddings, explain_logits, zero_shot_logits
 from residual.coefficients import (
+    VARIANT_INFO,
     VARIANTS,
     CoefficientSet,
     FusedAdapter,
     ResolvedAdapter,
+    VariantInfo,
     adapted_units,
     apply_fused,
     apply_many,
@@ -56,6 +58,7 @@ __all__ = [
     "LOGIT_CONVENTION",
     "PCA",
     "VARIANTS",
+    "VARIANT_INFO",
     "ArtifactError",
     "Backbone",
     "Basis",
@@ -77,6 +80,7 @@ __all__ = [
     "StreamingPCA",
     "Unit",
     "UnsupportedModelError",
+    "VariantInfo",
     "WeightsError",
     "adapted_units",
     "apply_fused",

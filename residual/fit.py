@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from residual.basis import Basis
 from residual.classifier import zero_shot_logits
-from residual.coefficients import CoefficientSet, _adapted_units, init_coefficients
+from residual.coefficients import VARIANT_INFO, CoefficientSet, _adapted_units, init_coefficients
 from residual.decomposition import LinearisedLN, RawFeatures, project_units
 from residual.errors import FitError
 
@@ -244,8 +244,12 @@ def fit(
         cs.linear_weight, cs.linear_bias = best["linear_weight"].cpu(), best["linear_bias"].cpu()
     else:
         cs.lambdas = best["lambdas"].cpu()
+    info = VARIANT_INFO[config.variant]
     report: dict[str, Any] = {
-        "variant": config.variant, "config": asdict(config), "n_parameters": cs.n_parameters,
+        "variant": config.variant, "config": {**asdict(config), "lr": lr}, "lr": lr, "n_parameters": cs.n_parameters,
+        "starting_point": info.starting_point + ("" if info.starts_at_zero_shot else
+                                                 "; epoch 0 of the history is that model, zero_shot_val_accuracy "
+                                                 "the unadapted one"),
         "n_train": n, "n_val": int(val[1].numel()), "epochs": epoch, "best_epoch": best_epoch,
         "zero_shot_val_accuracy": zero_shot_val, "val_accuracy": best_acc, "history": history,
         "feature_prep_s": round(extract_s, 3), "wall_time_s": round(time.perf_counter() - started, 3),

@@ -122,3 +122,18 @@ def test_the_report_names_the_deliberate_deviations(tiny, fit_task) -> None:
     assert any("identity" in d for d in linear.report["deviations"])
     no_mean = _fit(tiny, fit_task, variant="full", max_epochs=1, patience=1, add_mean=False)
     assert any("outside its stored basis" in d for d in no_mean.report["deviations"])
+
+
+@pytest.mark.parametrize(("variant", "lr", "zero_shot_start"), [
+    ("full", 0.8, True), ("linear", 1e-3, True), ("coarse", 0.8, False), ("fine", 0.8, False)])
+def test_report_names_its_learning_rate_and_starting_point(tiny, fit_task, variant, lr, zero_shot_start) -> None:
+    """The default learning rate is reported as used (not null); coarse and fine say that epoch 0 is not zero-shot,
+    and for full and linear epoch 0 is exactly the zero-shot accuracy."""
+    rep = _fit(tiny, fit_task, variant=variant, max_epochs=1).report
+    assert rep["lr"] == rep["config"]["lr"] == lr
+    assert rep["starting_point"].startswith("zero-shot" if zero_shot_start else "not zero-shot")
+    epoch0 = rep["history"][0]["val_accuracy"]
+    if zero_shot_start:
+        assert epoch0 == pytest.approx(rep["zero_shot_val_accuracy"], abs=1 / 150)
+    else:
+        assert variant in rep["starting_point"] and "dropped" in rep["starting_point"]
