@@ -51,7 +51,7 @@ def run(n_score: int, n_eval: int, n_sample: int, seeds: int) -> dict[str, Any]:
         rep = head_alignment(_units(bb, ln, s_img), torch.from_numpy(s_lab), cls, bb.logit_scale, g.layers, g.heads,
                              _units(bb, ln, e_img), torch.from_numpy(e_lab), seeds=seeds, top=3)
         best = rep["top_heads"]["text_correlation"][0]
-        unit = 1 + g.layers + best["layer"] * g.heads + best["head"]
+        unit = g.head_unit(best["layer"], best["head"])
         desc = describe_head(sample[:, unit], dic, k=5)
         i10 = rep["ablation"]["k"].index(max(1, g.layers * g.heads * 10 // 100))  # the reference's 10 % point
         out["tasks"][name] = {**rep, "best_head_description": desc.named(texts),

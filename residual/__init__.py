@@ -11,49 +11,119 @@ Example:
     >>> dec.units.shape  # (n, U, d): emb, 6 MLPs, 24 heads
     torch.Size([1, 31, 128])
 """
+from __future__ import annotations
 
-from residual.backbone import EMBEDDED_MODELS, Backbone, Geometry, load_backbone, wrap_model
-from residual.basis import Basis, fit_basis
-from residual.classifier import LOGIT_CONVENTION, class_embeddings, explain_logits, zero_shot_logits
-from residual.coefficients import (
-    VARIANT_INFO,
-    VARIANTS,
-    CoefficientSet,
-    FusedAdapter,
-    ResolvedAdapter,
-    VariantInfo,
-    adapted_units,
-    apply_fused,
-    apply_many,
-    fuse,
-    init_coefficients,
-    resolve,
-)
-from residual.decomposition import (
-    Decomposition,
-    LinearisedLN,
-    RawFeatures,
-    Unit,
-    decompose,
-    extract,
-    extract_batched,
-    project_units,
-    unit_table,
-)
-from residual.errors import (
-    ArtifactError,
-    BasisMismatchError,
-    CoefficientShapeError,
-    FitError,
-    NonFiniteCoefficientsError,
-    ResidualError,
-    UnsupportedModelError,
-    WeightsError,
-)
-from residual.fit import FitCancelledError, FitConfig, FitResult, fit, stratified_split
-from residual.spectral import PCA, StreamingPCA, k_at, participation_ratio, spectral_cosine, twonn
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it. Imported on first use (PEP 562), so `residual --help` and
+# `import residual.tiny.tasks` start without loading torch; `from residual import X` works as usual.
+_EXPORTS: dict[str, str] = {
+    "DEFAULT_TEMPLATES": "residual.classifier",
+    "EMBEDDED_MODELS": "residual.backbone",
+    "LOGIT_CONVENTION": "residual.classifier",
+    "PCA": "residual.spectral",
+    "VARIANTS": "residual.coefficients",
+    "VARIANT_INFO": "residual.coefficients",
+    "ArtifactError": "residual.errors",
+    "Backbone": "residual.backbone",
+    "Basis": "residual.basis",
+    "BasisMismatchError": "residual.errors",
+    "CoefficientSet": "residual.coefficients",
+    "CoefficientShapeError": "residual.errors",
+    "Decomposition": "residual.decomposition",
+    "FitCancelledError": "residual.fitting",
+    "FitConfig": "residual.fitting",
+    "FitError": "residual.errors",
+    "FitResult": "residual.fitting",
+    "FusedAdapter": "residual.coefficients",
+    "Geometry": "residual.backbone",
+    "LinearisedLN": "residual.decomposition",
+    "NonFiniteCoefficientsError": "residual.errors",
+    "RawFeatures": "residual.decomposition",
+    "ResidualError": "residual.errors",
+    "ResolvedAdapter": "residual.coefficients",
+    "StreamingPCA": "residual.spectral",
+    "Unit": "residual.decomposition",
+    "UnsupportedModelError": "residual.errors",
+    "VariantInfo": "residual.coefficients",
+    "WeightsError": "residual.errors",
+    "adapted_units": "residual.coefficients",
+    "apply_fused": "residual.coefficients",
+    "apply_many": "residual.coefficients",
+    "class_embeddings": "residual.classifier",
+    "decompose": "residual.decomposition",
+    "explain_logits": "residual.classifier",
+    "extract": "residual.decomposition",
+    "extract_batched": "residual.decomposition",
+    "fit": "residual.fitting",
+    "fit_basis": "residual.basis",
+    "fuse": "residual.coefficients",
+    "init_coefficients": "residual.coefficients",
+    "k_at": "residual.spectral",
+    "load_backbone": "residual.backbone",
+    "participation_ratio": "residual.spectral",
+    "project_units": "residual.decomposition",
+    "resolve": "residual.coefficients",
+    "spectral_cosine": "residual.spectral",
+    "stratified_split": "residual.fitting",
+    "twonn": "residual.spectral",
+    "unit_table": "residual.decomposition",
+    "wrap_model": "residual.backbone",
+    "zero_shot_logits": "residual.classifier",
+}
+
+if TYPE_CHECKING:  # the real imports, for type checkers
+    from residual.backbone import EMBEDDED_MODELS, Backbone, Geometry, load_backbone, wrap_model
+    from residual.basis import Basis, fit_basis
+    from residual.classifier import (
+        DEFAULT_TEMPLATES,
+        LOGIT_CONVENTION,
+        class_embeddings,
+        explain_logits,
+        zero_shot_logits,
+    )
+    from residual.coefficients import (
+        VARIANT_INFO,
+        VARIANTS,
+        CoefficientSet,
+        FusedAdapter,
+        ResolvedAdapter,
+        VariantInfo,
+        adapted_units,
+        apply_fused,
+        apply_many,
+        fuse,
+        init_coefficients,
+        resolve,
+    )
+    from residual.decomposition import (
+        Decomposition,
+        LinearisedLN,
+        RawFeatures,
+        Unit,
+        decompose,
+        extract,
+        extract_batched,
+        project_units,
+        unit_table,
+    )
+    from residual.errors import (
+        ArtifactError,
+        BasisMismatchError,
+        CoefficientShapeError,
+        FitError,
+        NonFiniteCoefficientsError,
+        ResidualError,
+        UnsupportedModelError,
+        WeightsError,
+    )
+    from residual.fitting import FitCancelledError, FitConfig, FitResult, fit, stratified_split
+    from residual.spectral import PCA, StreamingPCA, k_at, participation_ratio, spectral_cosine, twonn
+
 
 __all__ = [
+    "DEFAULT_TEMPLATES",
     "EMBEDDED_MODELS",
     "LOGIT_CONVENTION",
     "PCA",
@@ -106,3 +176,16 @@ __all__ = [
     "wrap_model",
     "zero_shot_logits",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'residual' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)  # noqa: B009 - the name is data here
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -30,7 +30,7 @@ from torch import nn
 from residual.errors import UnsupportedModelError, WeightsError
 
 __all__ = ["EMBEDDED_MODELS", "Backbone", "Geometry", "HeadVisibleAttention", "load_backbone", "resize_crop",
-           "wrap_model"]
+           "shipped_basis_path", "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ EMBEDDED_MODELS: dict[str, Path] = {"residual-tiny": _PACKAGE_DIR / "weights" / 
 """Models whose weights ship with this package: name -> default weights file."""
 
 _configs_registered = False
+
+
+def shipped_basis_path(name: str = "residual-tiny") -> Path:
+    """Where the reference basis of an embedded model's shipped weights lies (next to them)."""
+    return EMBEDDED_MODELS[name].with_name(f"{name}.basis.safetensors")
 
 
 def _register_configs() -> None:
@@ -64,6 +69,27 @@ class Geometry:
     def n_units(self) -> int:
         """U = 1 (embedding) + L (MLPs) + L*H (heads)."""
         return 1 + self.layers + self.layers * self.heads
+
+    # unit order (docs/method.md): emb -> 0, MLP of layer l -> 1 + l, head (l, h) -> 1 + L + l*H + h
+    EMB_UNIT = 0
+
+    def mlp_unit(self, layer: int) -> int:
+        """Index of layer ``layer``'s MLP among the U units."""
+        return 1 + layer
+
+    def head_unit(self, layer: int, head: int) -> int:
+        """Index of head (``layer``, ``head``) among the U units."""
+        return 1 + self.layers + layer * self.heads + head
+
+    @property
+    def mlp_units(self) -> slice:
+        """The L MLP units, in layer order."""
+        return slice(1, 1 + self.layers)
+
+    @property
+    def head_units(self) -> slice:
+        """The L*H head units, layer-major."""
+        return slice(1 + self.layers, self.n_units)
 
 
 @dataclass

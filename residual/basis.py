@@ -1,7 +1,7 @@
 """Per-unit PCA bases, fitted once on a reference image set and shared by many coefficient sets.
 
 A basis holds, for every unit, the mean of its output-space contribution, all d eigenvalues (for spectra and
-EVR pruning) and the leading components (paper-spec 2.1, P5): ``head_dim`` components for each head (a head's
+EVR pruning) and the leading components (docs/method.md §2): ``head_dim`` components for each head (a head's
 contribution lives in a subspace of rank <= head_dim + 2), d for the MLPs and the embedding unit.
 """
 
@@ -134,8 +134,8 @@ def basis_from_units(
         geometry=g,
         mean=pca.mean.cpu(),
         eigenvalues=pca.eigenvalues.cpu(),
-        head_components=comps[1 + g.layers :, : g.head_dim].contiguous(),
-        mlp_components=comps[1 : 1 + g.layers].contiguous(),
+        head_components=comps[g.head_units, : g.head_dim].contiguous(),
+        mlp_components=comps[g.mlp_units].contiguous(),
         emb_components=comps[:1].contiguous(),
         n_samples=pca.n_samples,
         source=source or {},

@@ -1,4 +1,4 @@
-"""Zero-shot classifier from text prompts, with one pinned logit convention (paper-spec 3.1, P9).
+"""Zero-shot classifier from text prompts, with one pinned logit convention (docs/method.md §4.1, §D4).
 
 Class embeddings: encode every template filled with the class name, L2-normalise each template embedding,
 average over templates, L2-normalise again. Logits: ``exp(logit_scale) * cos(image, class)``, i.e. the image
@@ -13,9 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOGIT_CONVENTION", "class_embeddings", "explain_logits", "fill_templates", "zero_shot_logits"]
+__all__ = ["DEFAULT_TEMPLATES", "LOGIT_CONVENTION", "class_embeddings", "explain_logits", "fill_templates",
+           "zero_shot_logits"]
 
 LOGIT_CONVENTION = "scaled_cosine"  # logits = exp(logit_scale) * cos(y, w_c)
+
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+"""The prompt templates of a label set that names none: the CLI, the service and the client use these same four."""
 
 
 def fill_templates(classes: Sequence[str], templates: Sequence[str]) -> list[str]:

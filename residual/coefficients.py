@@ -1,6 +1,6 @@
 """Coefficient sets (the lambdas of a task) and how they turn unit contributions into an adapted embedding.
 
-Variants (paper-spec 2.5):
+Variants (docs/method.md §3):
 
 - ``coarse``: one lambda per head, no centring; y = sum_h lambda_h c_h; emb and MLPs dropped.
 - ``fine``: heads only; lambda per principal component for the first k_h components (k_h = EVR threshold,
@@ -13,9 +13,10 @@ Per adapted unit u with basis B_u (K_u, d) of orthonormal rows and mean mu_u, pa
 
     y_u = m_u + (c_u - mu_u) A_u,   A_u = p I + B_u^T diag(lambda_u - p) B_u
 
-Back-projection uses B_u itself (not the transposed branch of the reference code, paper-spec P1). m_u = mu_u
-when ``add_mean`` (our default; the reference code never adds the mean back, P3), else 0. With ``add_mean``,
-``full`` at lambda = 1 reproduces the model's embedding exactly, so a fit starts from zero-shot behaviour.
+Back-projection uses B_u itself (not the transposed branch of the reference code, docs/method.md §D1). m_u = mu_u
+when ``add_mean`` (our default; the reference code never adds the mean back, docs/method.md §D2), else 0. With
+``add_mean``, ``full`` at lambda = 1 reproduces the model's embedding exactly, so a fit starts from zero-shot
+behaviour.
 
 Every variant is thus y = sum_u c_u A_u + offset, which :class:`ResolvedAdapter` holds, and which
 :func:`fuse` folds with the LayerNorm linearisation into one matrix over the raw per-head values
@@ -186,11 +187,11 @@ def check_compatible(cs: CoefficientSet, basis: Basis) -> None:
 
 def _adapted_units(variant: str, basis: Basis) -> list[int]:
     g = basis.geometry
-    heads = list(range(1 + g.layers, g.n_units))
+    heads = list(range(g.n_units))[g.head_units]
     if variant in ("coarse", "fine"):
         return heads
     if variant == "full":
-        return list(range(1, 1 + g.layers)) + heads
+        return list(range(g.n_units))[g.mlp_units] + heads
     return []
 
 
@@ -212,7 +213,7 @@ def init_coefficients(
     g = basis.geometry
     k = torch.zeros(g.n_units, dtype=torch.int64)
     if variant == "coarse":
-        k[1 + g.layers :] = 1
+        k[g.head_units] = 1
     elif variant == "fine":
         kt = basis.pca().k_at(evr_threshold)  # (U,)
         for u in _adapted_units(variant, basis):
@@ -330,17 +331,17 @@ def fuse(adapter: ResolvedAdapter, ln: LinearisedLN) -> FusedAdapter:
     bvec = ln.beta @ ln.proj  # (d,)
     blocks = 2 * g.layers + 1
     n_u = torch.full((g.n_units,), float(blocks), device=dev)
-    n_u[1 + g.layers :] = blocks * g.heads
+    n_u[g.head_units] = blocks * g.heads
     GA = torch.einsum("Dd,ude->uDe", G, A)  # (D, d) x (U, d, d) -> (U, D, d)
     # head rows: W_O[:, h]^T diag(ls_1) G A_h, (L, D, H, hd) x (L, D) x (L*H, D, d) -> (L, H, hd, d)
     w_heads = ln.w_o * ln.ls_1[:, :, None, None]  # (L, D, H, hd)
-    ga_heads = GA[1 + g.layers :].view(g.layers, g.heads, g.width, g.out_dim)  # (L, H, D, d)
+    ga_heads = GA[g.head_units].view(g.layers, g.heads, g.width, g.out_dim)  # (L, H, D, d)
     head_rows = torch.einsum("ldhe,lhdf->lhef", w_heads, ga_heads)  # -> (L, H, hd, d)
     bias_heads = (ln.b_o * ln.ls_1) / g.heads  # (L, D) per-head share of out_proj bias
     e = torch.einsum("ld,lhdf->f", bias_heads, ga_heads)  # sum over layers and heads -> (d,)
     weight = torch.cat([
         head_rows.reshape(-1, g.out_dim),  # (L*H*hd, d)
-        GA[1 : 1 + g.layers].reshape(-1, g.out_dim),  # (L*D, d) MLP rows
+        GA[g.mlp_units].reshape(-1, g.out_dim),  # (L*D, d) MLP rows
         GA[0],  # (D, d) embedding rows
     ])
     aA = torch.einsum("d,ude->ue", a, A)  # (U, d)

@@ -1,4 +1,4 @@
-"""Exact residual decomposition of an open_clip ViT's CLS embedding into units (paper-spec section 1).
+"""Exact residual decomposition of an open_clip ViT's CLS embedding into units (docs/method.md §1).
 
 One forward pass with forward hooks on the model's own modules captures, at the CLS token:
 
@@ -242,7 +242,7 @@ def project_units(raw: RawFeatures, ln: LinearisedLN) -> torch.Tensor:
     pre = torch.cat([raw.emb[:, None], raw.mlp, heads], dim=1)  # (n, U, D) pre-LN contributions
     blocks = 2 * g.layers + 1
     n_u = torch.full((g.n_units,), float(blocks), device=pre.device)
-    n_u[1 + g.layers :] = blocks * g.heads
+    n_u[g.head_units] = blocks * g.heads
     scale = ln.gamma[None, :] / s[:, None]  # (n, D)
     const = scale * mu[:, None] - ln.beta[None, :]  # (n, D)
     lin = pre * scale[:, None, :] - const[:, None, :] / n_u[None, :, None]  # (n, U, D)

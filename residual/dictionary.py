@@ -1,4 +1,4 @@
-"""The text dictionary for head descriptions (paper-spec 4.4): short descriptions of visual concepts.
+"""The text dictionary for head descriptions (docs/method.md §5.4): short descriptions of visual concepts.
 
 Shipped as ``residual/data/text_dictionary.txt`` (one description per line). It covers the embedded world's
 attributes (colours, shapes, sizes, positions, background colours and textures, digits, counts) and general

@@ -1,4 +1,4 @@
-"""Head analysis (paper-spec section 4): per-unit spectra, head-text alignment, head ablation, text descriptions.
+"""Head analysis (docs/method.md §5): per-unit spectra, head-text alignment, head ablation, text descriptions.
 
 - :func:`unit_spectra`: one row per unit (cumulative EVR, k at 0.9 / 0.99, participation ratio, TwoNN) from a
   :class:`~residual.basis.Basis` and, for the intrinsic dimension, a sample of output-space units (4.1);
@@ -128,7 +128,7 @@ class HeadScores:
 
 def head_scores(heads: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor,
                 logit_scale: torch.Tensor | float) -> HeadScores:
-    """Scores of every head for a task (paper-spec 4.3).
+    """Scores of every head for a task (docs/method.md §5.3).
 
     Args:
         heads: (n, R, d) output-space head contributions (R = L*H).
@@ -160,7 +160,7 @@ def ablation_curve(units: torch.Tensor, labels: torch.Tensor, class_emb: torch.T
                    logit_scale: torch.Tensor | float, rankings: dict[str, torch.Tensor], n_heads: int,
                    fractions: Sequence[float] | None = None, seeds: int = 10, ablation: str = "mean"
                    ) -> dict[str, Any]:
-    """Accuracy keeping only the top k heads, every other unit ablated (paper-spec 4.3).
+    """Accuracy keeping only the top k heads, every other unit ablated (docs/method.md §5.3).
 
     Args:
         units: (n, U, d) output-space units of the evaluation images, heads last (paper order).
@@ -228,7 +228,7 @@ def _explained(x: torch.Tensor, r: torch.Tensor) -> float:
 
 def somp(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, criterion: str = "l1", center: bool = True
          ) -> Description:
-    """Simultaneous orthogonal matching pursuit of ``x`` (n, d) over ``dictionary`` (m, d) (paper-spec 4.4).
+    """Simultaneous orthogonal matching pursuit of ``x`` (n, d) over ``dictionary`` (m, d) (docs/method.md §5.4).
 
     Each step picks the unchosen atom with the largest sum of |<residual_n, atom>| ("l1") or std over n ("std"),
     then refits all chosen atoms by least squares. Atoms are returned ordered by the RMS of their coefficients
@@ -262,7 +262,7 @@ def somp(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, criterion: str 
 
 
 def textspan(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, rank: int = 80) -> Description:
-    """TextSpan (Gandelsman et al., Algorithm 1; paper-spec 4.4), as the authors' code implements it.
+    """TextSpan (Gandelsman et al., Algorithm 1; docs/method.md §5.4), as the authors' code implements it.
 
     The dictionary is projected on the span of the top ``rank`` right singular vectors of the *uncentred* ``x``
     (n, d); the data are then centred. Each step takes the atom whose projections ``x @ atom`` (on the projected
@@ -308,7 +308,7 @@ def describe_head(x: torch.Tensor, dictionary: torch.Tensor, k: int = 10, method
 
 
 def describe_component(component: torch.Tensor, dictionary: torch.Tensor, k: int = 5) -> Description:
-    """OMP of one principal component (d,) over the dictionary (paper-spec 4.4, ``ood_somp``).
+    """OMP of one principal component (d,) over the dictionary (docs/method.md §5.4, ``ood_somp``).
 
     A component's sign is arbitrary, so the weights are signed: a negative weight means the text lies along
     the negative direction of the component.
@@ -325,7 +325,7 @@ def head_alignment(units: torch.Tensor, labels: torch.Tensor, class_emb: torch.T
                    eval_units: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
                    fractions: Sequence[float] | None = None, seeds: int = 10, ablation: str = "mean",
                    top: int = 5) -> dict[str, Any]:
-    """Head scores on (``units``, ``labels``) and the ablation curve on the evaluation set (paper-spec 4.3).
+    """Head scores on (``units``, ``labels``) and the ablation curve on the evaluation set (docs/method.md §5.3).
 
     Args:
         units: (n, U, d) output-space units (paper order, heads last) of the scoring images.
@@ -339,7 +339,7 @@ def head_alignment(units: torch.Tensor, labels: torch.Tensor, class_emb: torch.T
     if eval_units is None or eval_labels is None:
         counts = torch.bincount(labels)
         if int(counts[counts > 0].min()) >= 2:
-            from residual.fit import stratified_split
+            from residual.fitting import stratified_split
 
             score_idx, eval_idx = stratified_split(labels, 0.5, seed=0)
             units, eval_units = units[score_idx], units[eval_idx]

@@ -1,6 +1,6 @@
 """Spectra of residual units: streaming per-unit PCA, explained variance, intrinsic dimension, spectral cosine.
 
-Conventions (paper-spec 2.1, 4.1, 4.2, P6):
+Conventions (docs/method.md §2, §5.1, §5.2):
 
 - eigenvalues are those of the sample covariance with the n-1 denominator (S^2 / (n-1) of the centred SVD);
 - the explained-variance ratio is cumulative over *all* eigenvalues: EVR_j = sum_{i<=j} lambda_i / sum_i lambda_i;
@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PCA", "StreamingPCA", "k_at", "participation_ratio", "spectral_cosine", "twonn"]
+__all__ = ["PCA", "StreamingPCA", "explained_variance", "k_at", "participation_ratio", "spectral_cosine", "twonn"]
+
+
+def explained_variance(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """(..., d) eigenvalues -> (..., d) cumulative explained-variance ratio over all of them (the one definition)."""
+    ev = eigenvalues.double() if eigenvalues.dtype == torch.float64 else eigenvalues
+    total = ev.sum(-1, keepdim=True).clamp_min(1e-300 if ev.dtype == torch.float64 else 1e-30)
+    return ev.cumsum(-1) / total
 
 
 @dataclass
@@ -29,8 +36,7 @@ class PCA:
     @property
     def evr(self) -> torch.Tensor:
         """(U, d) cumulative explained-variance ratio."""
-        total = self.eigenvalues.sum(-1, keepdim=True).clamp_min(1e-30)
-        return self.eigenvalues.cumsum(-1) / total
+        return explained_variance(self.eigenvalues)
 
     def k_at(self, tau: float) -> torch.Tensor:
         """(U,) number of components needed to exceed ``tau`` explained variance (paper convention)."""
@@ -90,7 +96,7 @@ class StreamingPCA:
 
 
 def twonn(x: torch.Tensor, fraction: float = 0.9) -> float:
-    """TwoNN intrinsic dimension of points (n, d) (paper-spec 4.1)."""
+    """TwoNN intrinsic dimension of points (n, d) (docs/method.md §5.1)."""
     x = x.double()
     dist = torch.cdist(x, x)  # (n, n)
     dist.fill_diagonal_(float("inf"))
@@ -113,7 +119,7 @@ def twonn(x: torch.Tensor, fraction: float = 0.9) -> float:
 def spectral_cosine(
     x: torch.Tensor, y: torch.Tensor, wx: torch.Tensor | None = None, wy: torch.Tensor | None = None
 ) -> float:
-    """Normalised spectral cosine between bases x (kx, d) and y (ky, d) with weights (paper-spec 4.2).
+    """Normalised spectral cosine between bases x (kx, d) and y (ky, d) with weights (docs/method.md §5.2).
 
     With weights: C = |x y^T| * (wx wy^T) / ||(wx_i wy_i)_{i<=m}||, greedy matching over m = min(kx, ky)
     steps, score = ||sigma||. Without weights, component i is compared with component i only and the score is

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from residual.backbone import EMBEDDED_MODELS, Backbone, load_backbone
+from residual.backbone import EMBEDDED_MODELS, Backbone, load_backbone, shipped_basis_path
 from residual.basis import Basis, fit_basis
 from residual.tiny import world
 
 __all__ = ["REFERENCE_SEED", "REFERENCE_SIZE", "reference_basis", "reference_batches", "reference_images",
-           "reference_source"]
+           "reference_source", "shipped_basis_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ def reference_images(n: int, side: int = 48) -> np.ndarray:
         scenes = [world.sample_scene(rng) for _ in range(min(_CHUNK, REFERENCE_SIZE - i))]
         chunks.append(world.render_batch(scenes[: n - i], side=side, seed=REFERENCE_SEED + i))
     return np.concatenate(chunks)[:n]
-
-
-def shipped_basis_path(name: str = "residual-tiny") -> Path:
-    return EMBEDDED_MODELS[name].with_name(f"{name}.basis.safetensors")
 
 
 def reference_basis(bb: Backbone, cache_dir: str | os.PathLike[str] | None = None,

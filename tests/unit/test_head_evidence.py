@@ -51,7 +51,7 @@ def test_top_heads_by_text_alignment_beat_random_heads_on_four_tasks(reports: di
 def test_the_best_colour_head_is_described_with_colours(tiny, reports: dict[str, dict]) -> None:  # type: ignore[no-untyped-def]
     g = tiny.geometry
     best = reports["colour"]["top_heads"]["text_correlation"][0]
-    unit = 1 + g.layers + best["layer"] * g.heads + best["head"]
+    unit = g.head_unit(best["layer"], best["head"])
     ln = LinearisedLN(tiny)
     sample = project_units(extract_batched(tiny, tiny.pixels_from_arrays(reference_images(500)))[0], ln)
     texts = load_dictionary()

@@ -1,4 +1,4 @@
-"""Fitting coefficient sets on cached raw features (paper-spec 3.2, P10, P17).
+"""Fitting coefficient sets on cached raw features (docs/method.md §4.2).
 
 The backbone and the text class embeddings are frozen, training uses no augmentation, so the per-sample
 features are cached once and every epoch is a few small matmuls:
@@ -50,7 +50,7 @@ class FitConfig:
     patience: int = 5  # early stopping on validation accuracy
     evr_threshold: float = 0.9  # fine: components kept per head
     init: str = "ones"  # "ones" (starts from the unadapted model) or "randn" (paper: N(0,1)+1)
-    add_mean: bool = True  # re-add unit means (reference code does not, paper-spec P3)
+    add_mean: bool = True  # re-add unit means (reference code does not, docs/method.md §D2)
     seed: int = 0
     val_fraction: float = 0.2  # used when no validation set is given
 
@@ -103,7 +103,7 @@ class _Design:
                     y0 = y0 + units[:, 0]  # embedding unit added back raw
                 y0_parts.append(y0)
             elif cs.variant == "coarse":
-                c_parts.append(units[:, 1 + ln.geometry.layers :])  # (m, L*H, d)
+                c_parts.append(units[:, ln.geometry.head_units])  # (m, L*H, d)
             else:
                 y0_parts.append(units.sum(1))  # (m, d) model embedding
         self.V = torch.cat(v_parts) if v_parts else None
@@ -226,7 +226,7 @@ def fit(
             loss.backward()
             opt.step()
             total += loss.item() * idx.numel()
-        opt.eval()  # parameters now hold the averaged (x) sequence, paper-spec P10
+        opt.eval()  # parameters now hold the averaged (x) sequence, docs/method.md §4.2
         acc = _accuracy(val_design, params, val[1], class_emb, logit_scale.to(dev))
         history.append({"epoch": epoch, "train_loss": total / n, "val_accuracy": acc})
         if acc > best_acc:
