@@ -23,7 +23,7 @@ RUN if [ "$TARGET" = "gpu" ]; then \
     fi \
  && pip install ".[service]" \
  && python -c "import residual; residual.load_backbone('residual-tiny', device='cpu')" \
- && python -c "from service.routes.playground import STATIC_DIR as d; assert (d / 'playground.js').is_file(), d"
+ && python -c "from service.api.routes.playground import STATIC_DIR as d; assert (d / 'playground.js').is_file(), d"
 
 # ---- runtime: the venv only, non-root ---------------------------------------------------------------------------
 FROM ${BASE} AS runtime

@@ -23,8 +23,8 @@ def free_port() -> int:
 def start_api(env: dict[str, str], timeout_s: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``residual-serve`` with ``env`` added to this environment; return (process, base URL) once ready."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
-                              env={**os.environ, **env}, cwd=ROOT)
+    server = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port), "--log-level",
+                               "warning"], env={**os.environ, **env}, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -82,6 +82,11 @@ def _paths(name: str, tmp: Path) -> dict[str, Callable[[torch.Tensor], torch.Ten
             "fused_fine": run_fused(fused_fine), "naive_full": run_naive}
 
 
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest relative difference of two (n, C) logit tensors, row by row."""
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)).max())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="residual-tiny,ViT-B-16")
@@ -103,15 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         for b in (int(v) for v in batches.split(",")):
             x = torch.randn(b, 3, size, size)
             times: dict[str, list[float]] = {k: [] for k in paths}
-            for fn in paths.values():
-                fn(x)  # warm-up
+            outputs = {k: fn(x) for k, fn in paths.items()}  # warm-up, and the answers each path gives
+            # the paths must agree: capture = plain logits, fused full = the naive (unfused) formula
+            agreement = {"capture_vs_plain": _max_rel(outputs["capture"], outputs["plain"]),
+                         "fused_full_vs_naive": _max_rel(outputs["fused_full"], outputs["naive_full"])}
             for _ in range(args.repeats):
                 for key, fn in paths.items():  # interleaved
                     t0 = time.perf_counter()
                     fn(x)
                     times[key].append(time.perf_counter() - t0)
             ips = {k: b / statistics.median(v) for k, v in times.items()}
-            row = {"model": name, "batch": b, "images_per_s": ips,
+            row = {"model": name, "batch": b, "images_per_s": ips, "max_relative_difference": agreement,
                    "fused_full_vs_plain": ips["fused_full"] / ips["plain"],
                    "fused_fine_vs_plain": ips["fused_fine"] / ips["plain"],
                    "capture_vs_plain": ips["capture"] / ips["plain"],

@@ -4,8 +4,11 @@
 #
 # Prepare here (CPU), once:
 #   echo /.whl/ >> .git/info/exclude; echo /.redis/ >> .git/info/exclude
-#   wheels for cp312 manylinux into .whl/: the list in ../shared/design/device-notes.md, plus pytest, pluggy,
-#     iniconfig, packaging and pytest-timeout (the device README gives the pip download command)
+#   wheels for cp312 manylinux into .whl/ (pip download --no-deps --only-binary=:all: --python-version 3.12
+#     --platform manylinux2014_x86_64): open_clip_torch, ftfy, wcwidth, schedulefree, fastapi, opentelemetry-api,
+#     starlette, pydantic, pydantic_core, annotated-types, annotated-doc, typing-inspection, pydantic-settings,
+#     python-dotenv, uvicorn, redis, rq, croniter, python-multipart, pillow, httptools, pytest, pluggy, iniconfig,
+#     packaging and pytest-timeout (torch, torchvision, numpy and httpx are on the device already)
 #   mkdir -p .redis && cp /usr/bin/redis-server /lib/x86_64-linux-gnu/liblzf.so.1 \
 #     /lib/x86_64-linux-gnu/libjemalloc.so.2 .redis/
 # Run (device tool): command `bash bench/device_serving.sh`, carry [".whl", ".redis"], timeout_s 540.

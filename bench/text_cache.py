@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from residual import load_backbone
-from service.cache import RedisState, TextCache
+from residual import DEFAULT_TEMPLATES, load_backbone
+from service.engine.text_cache import RedisState, TextCache
 from service.metrics import Metrics
-from service.model_store import DEFAULT_TEMPLATES, label_set_id
+from service.stores.label_sets import label_set_id
 
 
 def main(argv: list[str] | None = None) -> int:

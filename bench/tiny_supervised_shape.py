@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain", action="store_true", help="plain backgrounds only")
     p.add_argument("--outline", type=float, default=world._OUTLINE,
                    help="outline width as a fraction of the object radius (0: the world without outlines)")
+    p.add_argument("--every", type=int, default=25, help="measure the accuracy every this many steps")
     args = p.parse_args(argv)
     world._OUTLINE = args.outline
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 25 == 0:
+        if step % args.every == 0 or step == args.steps:
             with torch.no_grad():
                 xv, yv = batch(256)
                 acc = float((head(visual(xv)).argmax(-1) == yv).float().mean())

@@ -1,6 +1,8 @@
 """Error taxonomy of the service: one JSON body, ``{"error": {"type": ..., "message": ...}}``.
 
-Every HTTP error the service raises is one of these classes (routes never build error bodies themselves).
+Every HTTP error the service raises is one of these classes (routes never build error bodies themselves); the
+stores, the engine and the jobs raise them too, and ``service.api.errors`` maps them (and every other exception)
+to responses.
 
 Hierarchy::
 
@@ -11,9 +13,11 @@ Hierarchy::
     ├── NotFound               404 not_found
     ├── Conflict               409 conflict
     ├── PayloadTooLarge        413 payload_too_large
+    ├── HeadersTooLarge        431 headers_too_large (answered by the HTTP server, service.api.server)
     ├── UnsupportedMedia       415 unsupported_media
     ├── Overloaded             429 overloaded (with Retry-After)
     ├── Timeout                504 timeout
+    ├── InsufficientStorage    507 insufficient_storage (the artifact volume is full; partial files removed)
     ├── NotReady               503 not_ready
     ├── BackendUnavailable     503 backend_unavailable
     └── ShuttingDown           503 shutting_down (SIGTERM received: no new work)
@@ -21,16 +25,13 @@ Hierarchy::
 
 from __future__ import annotations
 
-import logging
+import errno
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+__all__ = ["BackendUnavailable", "Conflict", "Forbidden", "HeadersTooLarge", "InsufficientStorage", "InvalidRequest",
+           "NotFound", "NotReady", "Overloaded", "PayloadTooLarge", "ServiceError", "ShuttingDown", "Timeout",
+           "Unauthorized", "UnsupportedMedia", "disk_full", "error_body"]
 
-from residual.errors import ArtifactError, ResidualError
-
-logger = logging.getLogger(__name__)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class ServiceError(Exception):
@@ -67,6 +68,10 @@ class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 
 
+class HeadersTooLarge(ServiceError):
+    status, type = 431, "headers_too_large"
+
+
 class UnsupportedMedia(ServiceError):
     status, type = 415, "unsupported_media"
 
@@ -77,6 +82,10 @@ class Overloaded(ServiceError):
 
 class Timeout(ServiceError):
     status, type = 504, "timeout"
+
+
+class InsufficientStorage(ServiceError):
+    status, type = 507, "insufficient_storage"
 
 
 class NotReady(ServiceError):
@@ -92,40 +101,15 @@ class ShuttingDown(ServiceError):
 
 
 def error_body(type_: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"type": type_, "message": message}}
+    """The one error body. A message that quotes client input is made encodable (a lone surrogate from a non-UTF-8
+    archive name is escaped, never a 500 while answering)."""
+    return {"error": {"type": type_, "message": message.encode("utf-8", "backslashreplace").decode("utf-8")}}
 
 
-def install(app: FastAPI) -> None:
-    """Map every exception to the one JSON error body; unknown ones become a generic 500."""
-
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for e in exc.errors():
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-        return JSONResponse(error_body("invalid_request", "; ".join(parts) or "invalid request"), status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 403: "forbidden"}.get(
-            exc.status_code, "http_error")
-        return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(ArtifactError)
-    async def _artifact(_: Request, exc: ArtifactError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_artifact", str(exc)), status_code=422)
-
-    @app.exception_handler(ResidualError)
-    async def _residual(_: Request, exc: ResidualError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", str(exc)), status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _unknown(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+def disk_full(exc: BaseException) -> InsufficientStorage | None:
+    """The 507 for an OSError that means the volume (or a quota) is full, else None."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        return InsufficientStorage("the artifact volume is full (" + (exc.strerror or "no space left") + "); nothing "
+                                   "was stored, partial files were removed. Free space or grow the volume, then "
+                                   "retry", headers={"Retry-After": "60"})
+    return None

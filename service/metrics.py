@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["JobsCollector", "Metrics"]
+
+disable_created_metrics()  # no *_created series: they double the series count and no query here uses them
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -58,10 +60,16 @@ class Metrics:
                                   registry=r)
         self.rejected = Counter("residual_requests_rejected_total", "requests refused before the backbone",
                                 ["reason"], registry=r)
+        self.text_cache_bytes = Gauge("residual_text_cache_bytes", "bytes of class-embedding matrices held in "
+                                      "memory", registry=r)
+        self.text_cache_writes_paused = Gauge("residual_text_cache_writes_paused", "1 while the cache Redis is over "
+                                              "its high-water mark (the cache stops writing)", registry=r)
+        self.decoding_pixels = Gauge("residual_decoding_pixels", "decoded pixels held by the image decoders now",
+                                     registry=r)
 
 
 class JobsCollector(Collector):
-    """At scrape time: fit jobs by status and the queue length, read from the RQ registries (shared by replicas).
+    """At scrape time: jobs by status and the queue length, read from the RQ registries (shared by replicas).
 
     ``read`` returns {status: count} including "queued"; it returns None when Redis is unreachable.
     """
@@ -73,10 +81,10 @@ class JobsCollector(Collector):
         counts = self.read()
         if counts is None:
             return
-        jobs = GaugeMetricFamily("residual_fit_jobs", "fit jobs in the queue's registries by status",
-                                 labels=["status"])
+        jobs = GaugeMetricFamily("residual_queue_jobs", "jobs (fits, bases, head alignments) in the queue's "
+                                 "registries by status", labels=["status"])
         for status, n in sorted(counts.items()):
             jobs.add_metric([status], n)
         yield jobs
-        yield GaugeMetricFamily("residual_fit_queue_length", "fit jobs waiting for a worker",
+        yield GaugeMetricFamily("residual_queue_length", "jobs waiting for a worker",
                                 value=counts.get("queued", 0))

@@ -75,7 +75,10 @@ class Settings(BaseSettings):
     reference_basis_images: PositiveInt = Field(
         10_000, description="world images behind the world basis (RESIDUAL_REFERENCE_BASIS=world)")
 
-    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="worker Prometheus port (0: none)")
+    worker_metrics_port: int = Field(9190, ge=0, le=65535, description="worker Prometheus port (0: none; not 9100, "
+                                                                       "node_exporter's)")
+    worker_metrics_host: str = Field("127.0.0.1", description="address the worker's metrics port binds (0.0.0.0 "
+                                                              "in Kubernetes, where Prometheus scrapes the pod)")
 
     io_threads: PositiveInt = Field(8, description="threads for blocking file, Redis and decoding work per API process")
     coefficient_cache_bytes: PositiveInt = Field(
@@ -84,6 +87,28 @@ class Settings(BaseSettings):
     coefficient_load_concurrency: PositiveInt = Field(2, description="coefficient sets loaded at once")
     shutdown_timeout_s: PositiveFloat = Field(
         20.0, description="after SIGTERM: how long in-flight requests may finish before they are failed")
+    max_header_bytes: PositiveInt = Field(64 * 1024, description="request line and headers of one request (431)")
+    header_timeout_s: PositiveFloat = Field(
+        10.0, description="a connection must complete its request headers within this time (then 408 and close)")
+    body_idle_timeout_s: PositiveFloat = Field(
+        15.0, description="longest pause while a request body is being received (then the connection closes)")
+    keep_alive_timeout_s: PositiveFloat = Field(5.0, description="an idle keep-alive connection closes after this")
+    max_connections: PositiveInt = Field(1024, description="open connections and requests per process (503 beyond)")
+    max_request_pixels: PositiveInt = Field(
+        100_000_000, description="decoded pixels of all images of one request, read from their headers before any is "
+                                 "decoded (413)")
+    max_decoding_pixels: PositiveInt = Field(
+        160_000_000, description="decoded pixels held at once by this process's image decoders (a request waits "
+                                 "for room)")
+    max_prompts: PositiveInt = Field(10_000, description="prompts of one label set, classes x templates (413)")
+    max_response_items: PositiveInt = Field(
+        200_000, description="images x top_k x (explain + 1) of one /classify answer (413)")
+    text_cache_bytes: PositiveInt = Field(
+        256 * 1024 * 1024, description="bytes of class-embedding matrices kept in process (LRU)")
+    cache_high_water: float = Field(
+        0.8, gt=0, le=1, description="the text cache stops writing to a Redis that has a maxmemory once its used "
+                                     "memory passes this fraction of it (so the cache never fills the queue's "
+                                     "Redis)")
     max_archive_bytes: PositiveInt = Field(
         512 * 1024 * 1024, description="decompressed bytes of all members of an uploaded dataset archive (413)")
     max_archive_member_bytes: PositiveInt = Field(

@@ -11,9 +11,8 @@ import json
 import logging
 import sys
 
-import uvicorn
-
-from service.main import create_app
+from service.api.app import create_app
+from service.api.server import Server, server_config
 
 
 class _Report(logging.Handler):
@@ -25,8 +24,10 @@ class _Report(logging.Handler):
 
 def main() -> int:
     logging.getLogger("asyncio").addHandler(_Report(logging.WARNING))
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=int(sys.argv[1]),
-                                           log_level="warning"))
+    app = create_app()
+    runtime = app.state.runtime
+    server = Server(server_config(app, runtime.settings, "127.0.0.1", int(sys.argv[1]), "warning"),
+                    runtime.begin_drain)  # the production server: its protocol, limits and drain
     loop = asyncio.new_event_loop()
     loop.set_debug(True)
     loop.slow_callback_duration = 0.05

@@ -24,7 +24,7 @@ def api_server(redis_url: str, artifacts: Path, ready_timeout: float = 120,
     port = free_port()
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
                HF_HUB_OFFLINE="1", **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
-    proc = subprocess.Popen([sys.executable, "-m", "service.main", "--port", str(port), "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port), "--log-level", "warning"],
                             cwd=ROOT, env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
@@ -59,9 +59,9 @@ def api_process(redis_url: str, artifacts: Path, **settings: str) -> Iterator[ht
 def worker_process(redis_url: str, artifacts: Path, **settings: str) -> subprocess.Popen[bytes]:
     """An alignment worker as its own process (no metrics port)."""
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
-               HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT="0",
-               **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
-    return subprocess.Popen([sys.executable, "-m", "service.worker", "--log-level", "warning"], cwd=ROOT, env=env)
+               HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT="0")
+    env.update({f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
+    return subprocess.Popen([sys.executable, "-m", "service.jobs.worker", "--log-level", "warning"], cwd=ROOT, env=env)
 
 
 def rss_mib(pid: int) -> float:

@@ -1,194 +1,95 @@
-"""The FastAPI app: ``create_app(settings)``; ``residual-serve`` runs it under uvicorn.
+"""The FastAPI app, assembled: ``create_app(settings)``. ``residual-serve`` (``service.api.server``) runs it.
 
 Lifecycle: the process answers ``/livez`` at once; the model loads on the model owner (the one thread that runs
 every forward) and runs one warm-up forward (text and image); ``/readyz`` is 503 until then, 200 after, and 503
 again while the batcher restarts or once SIGTERM arrives. On SIGTERM the replica stops admitting work (503
 ``shutting_down``), lets in-flight requests finish for at most ``shutdown_timeout_s``, fails what is left, and
 exits. One uvicorn worker per process (metrics live in the process); scale with replicas.
+
+Middlewares, outermost first: request metrics, authentication (before any body byte is read), the body limit.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import copy
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
+from typing import Any
 
 import redis
-import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.routing import BaseRoute, Mount
 
-from residual import RawFeatures, extract
-from service import queue
-from service.artifacts import ArtifactStore
-from service.batcher import Batcher
-from service.cache import RedisState, TextCache, queue_policy_warning
-from service.deps import Runtime
-from service.errors import error_body, install
-from service.heads import HeadService
+from service import memory
+from service.api import body as json_bodies
+from service.api.auth import Authenticate, route_scope
+from service.api.deps import Ready, Runtime
+from service.api.errors import install
+from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.routes import (
+    bases,
+    classify,
+    coefficients,
+    datasets,
+    embeddings,
+    fits,
+    heads,
+    health,
+    label_sets,
+    playground,
+)
+from service.api.schemas import DATASET_REF, ErrorBody, HeadJobAccepted, InlineDataset
+from service.engine import serving
+from service.engine.pipeline import decode_threads
+from service.engine.pools import ModelOwner, Pool
+from service.engine.text_cache import RedisState
+from service.jobs import queue
 from service.metrics import JobsCollector, Metrics
-from service.model_store import ModelStore, label_set_id
-from service.pipeline import ImagePipeline, decode_threads
-from service.pools import ModelOwner, Pool
-from service.routes import bases, classify, coefficients, datasets, embeddings, heads, health, jobs, playground
-from service.schemas import ClassifyRequest
 from service.settings import Settings, get_settings
+from service.stores.artifacts import ArtifactStore
 
-__all__ = ["create_app", "main"]
+__all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
 
-class BodyLimit:
-    """ASGI middleware: 413 once a request body exceeds ``limit`` bytes, counted while it streams.
-
-    Honest Content-Length is refused before reading; chunked or lying bodies are cut off as soon as the running
-    count passes the limit.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_413(send, self.limit)
-            return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_413(send, self.limit)
-
-
-class RequestMetrics:
-    """ASGI middleware: request duration by route template and status (outermost, so 413s count too)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def tracking_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.request_seconds.labels(route=route, status=str(status["code"])).observe(
-                time.perf_counter() - started)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _send_413(send: Send, limit: int) -> None:
-    import json
-
-    body = json.dumps(error_body("payload_too_large", f"request body exceeds {limit} bytes")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def backbone_forward(store: ModelStore, pixels: torch.Tensor) -> tuple[RawFeatures, torch.Tensor]:
-    """One batched forward: pinned host memory and bf16 autocast on CUDA, plain fp32 on the CPU."""
-    bb = store.backbone
-    if bb.device.type == "cuda":
-        if pixels.device != bb.device:  # the pil pipeline hands over host memory: pinned, asynchronous copy
-            pixels = pixels.pin_memory().to(bb.device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return extract(bb, pixels)
-    return extract(bb, pixels)
-
-
-def _load(rt: Runtime) -> None:
-    """Blocking, on the model owner: load the model, warm it up, and publish the store (readiness flips later)."""
+def _load(rt: Runtime) -> serving.Loaded | None:
+    """Blocking, on the model owner: load and warm up the model (readiness flips once the engine starts)."""
     s = rt.settings
     try:
-        store = ModelStore(s, rt.metrics)
-        bb = store.backbone
-
-        def encode(prompts: list[str]) -> torch.Tensor:  # every text forward runs on the model owner too
-            return rt.owner.call(store.encode_prompts, prompts)
-
-        text = TextCache(bb.weights_id, encode, rt.redis, s.text_cache_ttl_s, s.label_set_cache_size, rt.metrics)
-        size = bb.geometry.image_size
-        extract(bb, torch.zeros(1, 3, size, size))  # warm-up forward
-        store.encode_prompts(["a photo."])
-        store.text_forwards = 0
-        rt.text = text
-        rt.store = store
-        _, warning = queue_policy_warning(rt.jobs_redis)
-        if warning:
-            logger.warning("%s", warning)
-        logger.info("model %s (%s) ready on %s; auth %s", bb.name, bb.weights_id, bb.device,
-                    "open (no API keys configured)" if s.api_key is None and s.admin_api_key is None else "enabled")
+        loaded = serving.load(s, rt.metrics, rt.owner, rt.redis, rt.artifacts)
     except Exception as exc:  # noqa: BLE001 - reported by /readyz, logged with traceback
         logger.exception("model load failed")
         rt.load_error = f"{type(exc).__name__}: {exc}"
+        return None
+    _, warning = queue.queue_policy_warning(rt.jobs_redis)
+    if warning:
+        logger.warning("%s", warning)
+    bb = loaded.model.backbone
+    logger.info("model %s (%s) ready on %s; auth %s", bb.name, bb.weights_id, bb.device,
+                "open (no API keys configured)" if s.api_key is None and s.admin_api_key is None else "enabled")
+    return loaded
 
 
-def _head_service(rt: Runtime, store: ModelStore) -> HeadService:
-    s, text, batcher = rt.settings, rt.text, rt.batcher
-    assert text is not None and batcher is not None
-    weights = store.backbone.weights_id
-
-    def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
-        return text.class_embeddings(label_set_id(weights, texts, ["{}"]), texts, ["{}"])
-
-    chunk = min(s.batch_size_for(store.backbone.device.type), s.max_queue)  # a chunk must fit the queue
-    return HeadService(store.backbone, store.ln, batcher.submit, rt.owner, rt.analysis, chunk,
-                       s.heads_sample_images, rt.artifacts, store.bases, dictionary_embeddings, s.text_dictionary,
-                       s.reference_basis_images, rt.metrics.reference_basis_images.inc)
+def _sweep(rt: Runtime) -> None:
+    """Blocking: temporary folders a crash or a full disk left behind (older than an hour: never another pod's)."""
+    removed = rt.datasets().sweep()
+    if removed:
+        logger.info("removed %d stale temporary dataset folders", removed)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
     runtime = Runtime(settings=settings, metrics=metrics,
-                      redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics),
+                      redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics,
+                                       settings.cache_high_water),
                       jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
                                                       socket_connect_timeout=1.0),
                       owner=ModelOwner(), io=Pool(settings.io_threads, "io"), analysis=Pool(2, "analysis"),
@@ -198,23 +99,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.loop = asyncio.get_running_loop()
+        memory.configure()
 
         async def start() -> None:
-            await runtime.owner.run(_load, runtime)
+            await runtime.io.run(_sweep, runtime)
+            loaded = await runtime.owner.run(_load, runtime)
             # the start-up heap (torch, open_clip, the model, the schemas) never becomes garbage: move it out of the
             # collector's reach, so later full collections scan only what requests allocate and stay short (a long
             # collection in any thread holds the GIL and stalls the event loop)
             gc.freeze()
-            if runtime.store is not None and not runtime.draining:
-                store = runtime.store
-                device = store.backbone.device.type
-                runtime.images = ImagePipeline(store.backbone, runtime.decode, decode_threads(settings.decode_threads),
-                                               settings.max_image_pixels, settings.image_pipeline)
-                runtime.batcher = Batcher(lambda px: backbone_forward(store, px), runtime.owner,
-                                          settings.batch_size_for(device), settings.max_wait_ms / 1000,
-                                          settings.max_queue, settings.batching, metrics)
-                runtime.batcher.start()
-                runtime.heads = _head_service(runtime, store)
+            if loaded is None or runtime.draining:
+                return
+            engine = serving.start(loaded, settings, metrics, runtime.owner, runtime.decode, runtime.analysis,
+                                   runtime.artifacts)
+            runtime.ready = Ready(settings=settings, metrics=metrics, io=runtime.io, analysis=runtime.analysis,
+                                  owner=runtime.owner, artifacts=runtime.artifacts, datasets=runtime.datasets(),
+                                  jobs_redis=runtime.jobs_redis, redis=runtime.redis, engine=engine)
 
         starter = asyncio.create_task(start())
         try:
@@ -222,8 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             runtime.draining = True
             starter.cancel()
-            if runtime.batcher is not None:
-                await runtime.batcher.stop()
+            if runtime.ready is not None:
+                await runtime.ready.batcher.stop()
             runtime.owner.stop()
             runtime.io.stop()
             runtime.analysis.stop()
@@ -241,70 +141,104 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      "coefficient sets. Errors: `{\"error\": {\"type\", \"message\"}}`.")
     app.state.runtime = runtime
     install(app)
-    app.include_router(health.router)
-    app.include_router(classify.router)
-    app.include_router(jobs.router)
-    app.include_router(datasets.router)
-    app.include_router(coefficients.router)
-    app.include_router(embeddings.router)
-    app.include_router(heads.router)
-    app.include_router(bases.router)
-    app.include_router(playground.router)
-    app.mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
+    routers = (health, classify, label_sets, fits, datasets, coefficients, embeddings, heads, bases, playground)
+    for module in routers:
+        app.include_router(module.router)
+    static = Mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
+    app.router.routes.append(static)
+    # every route of ours, flat (the routers are included without prefixes): authentication finds a request's scope
+    # in it, metrics label static files by their mount, the schema documents 401/403 from it
+    routes: list[BaseRoute] = [r for module in routers for r in module.router.routes] + [static]
+    app.state.routes = routes
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(Authenticate, routes=routes, settings=settings)
+    app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
 
-    def openapi() -> dict[str, object]:
-        """The default schema plus the models of bodies that routes parse themselves (JSON or multipart)."""
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            extra = ClassifyRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(extra.pop("$defs", {}))
-            components["ClassifyRequest"] = extra
-            app.openapi_schema = schema
+            app.openapi_schema = _openapi(app, settings, routes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, plus: the first SIGTERM/SIGINT marks the runtime as draining, so readiness and every
-    route answer 503 ``shutting_down`` while in-flight requests finish (at most ``shutdown_timeout_s``)."""
+# ---- the published contract ----------------------------------------------------------------------------------------
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
-        super().__init__(config)
-        self.runtime = runtime
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        rt = self.runtime
-        if not rt.draining:
-            grace = rt.settings.shutdown_timeout_s
-            logger.info("signal %d: draining (no new work; in-flight work gets %.0fs)", sig, grace)
-            rt.draining = True
-            if rt.loop is not None:  # fail what is still running a little before uvicorn stops waiting for it
-                rt.loop.call_soon_threadsafe(rt.loop.call_later, max(0.0, grace - 1.0), rt.fail_in_flight)
-        super().handle_exit(sig, frame)
+_ERROR_DOCS = {
+    "401": "missing or invalid API key (WWW-Authenticate: Bearer)",
+    "403": "the classification key on an admin route",
+    "405": "method not allowed (Allow lists the methods)",
+    "422": "invalid request: the message names each field and what is wrong (a body that is not JSON included)",
+    "503": "not ready (loading, batcher restarting) or shutting down; Retry-After",
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="residual-serve", description="Run the ResiDual Serve HTTP API. "
-                                "Every RESIDUAL_* environment variable is a setting (see README).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app()
-    runtime: Runtime = app.state.runtime
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, workers=1,
-                            timeout_graceful_shutdown=max(1, round(runtime.settings.shutdown_timeout_s)))
-    _Server(config, runtime).run()
-    return 0
+def _openapi(app: FastAPI, settings: Settings, routes: list[BaseRoute]) -> dict[str, Any]:
+    """FastAPI's schema, plus: the JSON bodies routes parse themselves, the limits from settings, and every error
+    answer documented with the one error body."""
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (*json_bodies.MODELS.values(), ErrorBody, HeadJobAccepted, InlineDataset):
+        extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(extra.pop("$defs", {}))
+        components[model.__name__] = extra
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    _limits(components, settings)
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    scopes = {(getattr(route, "path_format", ""), m): route_scope(route) for route in routes
+              for m in getattr(route, "methods", None) or ()}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            scope = scopes.get((path, method.upper()), "open")
+            if scope != "open":
+                responses.setdefault("401", {"description": _ERROR_DOCS["401"]})
+            if scope == "admin":
+                responses.setdefault("403", {"description": _ERROR_DOCS["403"]})
+            if op.get("parameters") or op.get("requestBody"):
+                responses.setdefault("422", {"description": _ERROR_DOCS["422"]})
+            if op.get("requestBody"):
+                responses.setdefault("413", {"description": "the body exceeds RESIDUAL_MAX_REQUEST_BYTES"})
+                responses.setdefault("415", {"description": "a content type this route does not take"})
+            if path not in ("/livez", "/metrics", "/", "/redoc"):
+                responses.setdefault("503", {"description": _ERROR_DOCS["503"]})
+            responses.setdefault("405", {"description": _ERROR_DOCS["405"]})
+            for code, answer in responses.items():
+                if code[0] in "45" and code != "405":
+                    answer["content"] = copy.deepcopy(error)
+                elif code == "405":
+                    answer["content"] = copy.deepcopy(error)
+                    answer["headers"] = {"Allow": {"schema": {"type": "string"},
+                                                   "description": "the methods this path takes"}}
+    return schema
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _limits(components: dict[str, Any], s: Settings) -> None:
+    """Write the limits that come from settings into the published schemas."""
+
+    def prop(model: str, field: str) -> dict[str, Any]:
+        node = components.get(model, {}).get("properties", {}).get(field, {})
+        return node.get("anyOf", [node])[0] if "anyOf" in node and node["anyOf"][0].get("type") == "array" else node
+
+    for model in ("LabelSet",):
+        classes = prop(model, "classes")
+        classes.update({"maxItems": s.max_classes})
+        classes.setdefault("items", {}).update({"maxLength": s.max_prompt_chars, "minLength": 1})
+        templates = components.get(model, {}).get("properties", {}).get("templates", {})
+        for variant in templates.get("anyOf", []):
+            if variant.get("type") == "array":
+                variant.update({"maxItems": s.max_templates})
+                variant.setdefault("items", {}).update({"maxLength": s.max_prompt_chars, "pattern": r"\{\}"})
+    for model in ("FitRequest", "AlignmentRequest"):  # the string branch of `dataset`: a dataset id or a world task
+        for variant in components.get(model, {}).get("properties", {}).get("dataset", {}).get("anyOf", []):
+            if variant.get("type") == "string":
+                variant["pattern"] = DATASET_REF
+    images = prop("ClassifyRequest", "images")
+    images.update({"maxItems": s.max_images, "minItems": 1})
+    inline = components.get("InlineDataset", {}).get("properties", {})
+    for field in ("images", "labels"):
+        if field in inline:
+            inline[field]["maxItems"] = s.max_inline_images

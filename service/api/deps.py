@@ -1,68 +1,132 @@
-"""Dependencies shared by the routers: the app state, label-set validation, API-key checks."""
+"""What routes depend on: the process runtime, its ready view, and the validation of label sets and sources.
+
+:class:`Runtime` is what the lifespan builds for one API process (settings, pools, Redis clients, the artifact
+store) plus, once the model has loaded, a :class:`Ready` view whose fields are never None: routes declare
+``rt: ReadyDep`` and use ``rt.model``, ``rt.batcher``, ... without checks. ``Runtime.problem`` is the one predicate
+``/readyz`` and every route answer 503 with.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, Request
-from pydantic import BaseModel
 
-from residual.tiny import tasks
-from service.artifacts import ArtifactStore
-from service.batcher import Batcher
-from service.cache import RedisState, TextCache
-from service.datasets import ArchiveLimits, DatasetStore
-from service.errors import (
-    BackendUnavailable,
-    Forbidden,
-    InvalidRequest,
-    NotReady,
-    ServiceError,
-    ShuttingDown,
-    Unauthorized,
-)
-from service.heads import HeadService
+from residual import DEFAULT_TEMPLATES
+from service import sources
+from service.api.schemas import InlineDataset, LabelSet
+from service.engine.batcher import Batcher
+from service.engine.heads import HeadService
+from service.engine.model import ServingModel
+from service.engine.pipeline import ImagePipeline
+from service.engine.pools import ModelOwner, Pool
+from service.engine.serving import Engine
+from service.engine.text_cache import RedisState, TextCache
+from service.errors import BackendUnavailable, InvalidRequest, NotReady, PayloadTooLarge, ServiceError, ShuttingDown
 from service.metrics import Metrics
-from service.model_store import DEFAULT_TEMPLATES, ModelStore
-from service.pipeline import ImagePipeline
-from service.pools import ModelOwner, Pool
-from service.schemas import LabelSet
 from service.settings import Settings
+from service.stores.artifacts import ArtifactStore
+from service.stores.bases import BasisStore
+from service.stores.coefficients import CoefficientStore
+from service.stores.datasets import ArchiveLimits, DatasetStore
+from service.stores.label_sets import LabelSetStore
+from service.validation import clean_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdminKey", "ApiKey", "Runtime", "RuntimeDep", "clean_text", "dataset_store", "label_set_from",
-           "validate_label_set",
-           "world_and_label_set"]
+__all__ = ["Ready", "ReadyDep", "Runtime", "get_runtime", "label_set_from", "source_and_label_set",
+           "validate_label_set"]
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A loaded API process: every field is set."""
+
+    settings: Settings
+    metrics: Metrics
+    io: Pool  # short blocking work: files, Redis, decoding, JSON bodies, the fused matmul, responses
+    analysis: Pool  # long head analyses and pictures, kept apart so they never starve io
+    owner: ModelOwner  # the one thread that runs every forward of the model
+    artifacts: ArtifactStore
+    datasets: DatasetStore
+    jobs_redis: redis.Redis
+    redis: RedisState
+    engine: Engine
+
+    @property
+    def model(self) -> ServingModel:
+        return self.engine.model
+
+    @property
+    def text(self) -> TextCache:
+        return self.engine.text
+
+    @property
+    def images(self) -> ImagePipeline:
+        return self.engine.images
+
+    @property
+    def batcher(self) -> Batcher:
+        return self.engine.batcher
+
+    @property
+    def heads(self) -> HeadService:
+        return self.engine.heads
+
+    @property
+    def bases(self) -> BasisStore:
+        return self.engine.bases
+
+    @property
+    def coefficients(self) -> CoefficientStore:
+        return self.engine.coefficients
+
+    @property
+    def label_sets(self) -> LabelSetStore:
+        return self.engine.label_sets
+
+    def job_result(self, job_id: str) -> dict[str, Any] | None:
+        return self.artifacts.job_result(job_id)
 
 
 @dataclass
 class Runtime:
-    """Everything the lifespan builds; ``store`` is None until the model has loaded."""
+    """Everything the lifespan builds; ``ready`` is None until the model has loaded."""
 
     settings: Settings
     metrics: Metrics
     redis: RedisState
     jobs_redis: redis.Redis
-    owner: ModelOwner  # the one thread that runs every forward of the model
-    io: Pool  # short blocking work: files, Redis, decoding, the fused matmul
-    analysis: Pool  # long head analyses (basis build, spectra), kept apart so they never starve io
+    owner: ModelOwner
+    io: Pool
+    analysis: Pool
     decode: Pool  # image decoding and preprocessing, one thread per core
     artifacts: ArtifactStore
-    store: ModelStore | None = None
-    images: ImagePipeline | None = None
-    text: TextCache | None = None
-    batcher: Batcher | None = None
-    heads: HeadService | None = None
+    ready: Ready | None = None
     load_error: str | None = None
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once the lifespan runs
+
+    def datasets(self) -> DatasetStore:
+        s = self.settings
+        return DatasetStore(self.artifacts.datasets_dir, s.max_image_pixels, s.max_dataset_images,
+                            ArchiveLimits(s.max_archive_bytes, s.max_archive_member_bytes, s.max_archive_members),
+                            s.max_prompt_chars)
+
+    def begin_drain(self, sig: int) -> None:
+        """First SIGTERM/SIGINT (from the server's signal handler): refuse new work with 503 ``shutting_down`` and
+        fail what is still in flight at the drain deadline, before uvicorn stops waiting for it."""
+        if self.draining:
+            return
+        grace = self.settings.shutdown_timeout_s
+        logger.info("signal %d: draining (no new work; in-flight work gets %.0fs)", sig, grace)
+        self.draining = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.call_later, max(0.0, grace - 1.0), self.fail_in_flight)
 
     def fail_in_flight(self) -> None:
         """Shutdown deadline (on the event loop): fail queued and long work with 503 instead of abandoning it.
@@ -72,21 +136,22 @@ class Runtime:
         timeout would cut their connections.
         """
         logger.warning("shutdown deadline reached: failing in-flight work")
-        if self.batcher is not None:
-            self.batcher.fail_pending(BackendUnavailable("the service is shutting down"))
-        self.owner.stop()
-        self.analysis.stop()
-        self.decode.stop()
+        if self.ready is not None:
+            self.ready.batcher.fail_pending(BackendUnavailable("the service is shutting down"))
+        # running calls too: a request waiting on a long chunk (a basis, an encoding) is answered now, not when the
+        # chunk ends on a loaded machine (after uvicorn would have cut its connection)
+        self.owner.stop(fail_running=True)
+        self.analysis.stop(fail_running=True)
+        self.decode.stop(fail_running=True)
 
     def problem(self) -> ServiceError | None:
         """Why this replica cannot serve now, or None. ``/readyz`` and every route use exactly this predicate."""
         if self.draining:
             return ShuttingDown("the service is shutting down; retry on another replica", headers={"Retry-After": "5"})
-        if (self.store is None or self.batcher is None or self.text is None or self.heads is None
-                or self.images is None):
+        if self.ready is None:
             return NotReady("the model is still loading" if self.load_error is None else
                             f"the model failed to load: {self.load_error}", headers={"Retry-After": "5"})
-        if not self.batcher.healthy:
+        if not self.ready.batcher.healthy:
             return NotReady("the batcher is restarting", headers={"Retry-After": "1"})
         if not (self.owner.alive and self.io.alive and self.analysis.alive and self.decode.alive):
             return NotReady("a worker thread pool is down", headers={"Retry-After": "5"})
@@ -98,71 +163,24 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def ready_runtime(request: Request) -> Runtime:
+async def ready_runtime(request: Request) -> Ready:
     runtime = get_runtime(request)
     problem = runtime.problem()
     if problem is not None:
         raise problem
-    return runtime
+    assert runtime.ready is not None  # problem() is None only when it is set
+    return runtime.ready
 
 
-RuntimeDep = Annotated[Runtime, Depends(ready_runtime)]
+ReadyDep = Annotated[Ready, Depends(ready_runtime)]
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _matches(token: str, key: object) -> bool:
-    secret = getattr(key, "get_secret_value", None)
-    return secret is not None and hmac.compare_digest(token.encode(), str(secret()).encode())
-
-
-def _check(request: Request, admin: bool) -> None:
-    """Read and classify routes accept the API key or the admin key; routes that enqueue work or store data
-    (``AdminKey``) only the admin key.
-
-    A route whose key is not configured is open (the development default that /readyz reports).
-    """
-    s: Settings = get_runtime(request).settings
-    required = s.admin_api_key if admin else s.api_key
-    if required is None:
-        return
-    token = _bearer(request)
-    if token is None:
-        raise Unauthorized("missing 'Authorization: Bearer <key>' header", headers={"WWW-Authenticate": "Bearer"})
-    if _matches(token, required) or (not admin and _matches(token, s.admin_api_key)):
-        return
-    if admin and _matches(token, s.api_key):
-        raise Forbidden("the classification key may not use admin routes")
-    raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def api_key(request: Request) -> None:
-    _check(request, admin=False)
-
-
-async def admin_key(request: Request) -> None:
-    _check(request, admin=True)
-
-
-ApiKey = Depends(api_key)
-AdminKey = Depends(admin_key)
-
-
-def clean_text(text: str, what: str, limit: int) -> str:
-    if not text.strip():
-        raise InvalidRequest(f"{what} is empty")
-    if len(text) > limit:
-        raise InvalidRequest(f"{what} has {len(text)} characters; the limit is {limit}")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
-        raise InvalidRequest(f"{what} contains control characters")
-    return text
+# ---- label sets -----------------------------------------------------------------------------------------------------
 
 
 def validate_label_set(classes: list[str], templates: list[str] | None, s: Settings) -> tuple[list[str], list[str]]:
+    """Classes and templates (default: ``residual.DEFAULT_TEMPLATES``) checked against the limits: 422, or 413 when
+    classes x templates exceeds ``max_prompts``."""
     if not classes:
         raise InvalidRequest("label_set.classes is empty; give at least one class")
     if len(classes) > s.max_classes:
@@ -171,7 +189,7 @@ def validate_label_set(classes: list[str], templates: list[str] | None, s: Setti
     seen: set[str] = set()
     dups = sorted({c for c in classes if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
     if dups:
-        raise InvalidRequest(f"duplicate classes: {dups}")
+        raise InvalidRequest(f"duplicate classes: {dups[:10]}")
     templates = list(templates) if templates is not None else list(DEFAULT_TEMPLATES)
     if not templates:
         raise InvalidRequest("label_set.templates is empty; omit it for the default templates")
@@ -179,55 +197,66 @@ def validate_label_set(classes: list[str], templates: list[str] | None, s: Setti
         raise InvalidRequest(f"label_set has {len(templates)} templates; the limit is {s.max_templates}")
     for i, t in enumerate(templates):
         clean_text(t, f"template {i}", s.max_prompt_chars)
-        if t.count("{}") != 1:
-            raise InvalidRequest(f"template {i} ({t!r}) must contain '{{}}' exactly once")
+        rest = t.replace("{}", "", 1)
+        if t.count("{}") != 1 or "{" in rest or "}" in rest:
+            raise InvalidRequest(f"template {i} ({t[:80]!r}) must contain '{{}}' exactly once and no other braces")
+    prompts = len(classes) * len(templates)
+    if prompts > s.max_prompts:
+        raise PayloadTooLarge(f"the label set has {len(classes)} classes x {len(templates)} templates = {prompts} "
+                              f"prompts; the limit per label set is {s.max_prompts} (RESIDUAL_MAX_PROMPTS)")
     return classes, templates
 
 
-async def label_set_from(label_set: LabelSet | None, label_set_id: str | None, rt: Runtime,
+async def label_set_from(label_set: LabelSet | None, label_set_id: str | None, rt: Ready,
                          default: tuple[list[str], list[str]] | None = None) -> tuple[list[str], list[str]]:
     """Classes and templates from an inline label set, a registered id, or ``default`` (422 when none)."""
-    assert rt.store is not None
     if label_set is not None and label_set_id is not None:
         raise InvalidRequest("give label_set or label_set_id, not both")
     if label_set is not None:
         return validate_label_set(label_set.classes, label_set.templates, rt.settings)
     if label_set_id is not None:
-        return await rt.io.run(rt.store.get_label_set, label_set_id)
+        return await rt.io.run(rt.label_sets.get, label_set_id)
     if default is not None:
         return default
-    raise InvalidRequest("give label_set or label_set_id (only world tasks bring their own)")
+    raise InvalidRequest("give label_set or label_set_id (world tasks and uploaded datasets bring their own)")
 
 
-async def world_and_label_set(dataset: object, sizes: BaseModel | None, default_sizes: type[BaseModel],
-                              label_set: LabelSet | None, label_set_id: str | None, rt: Runtime, purpose: str
-                              ) -> tuple[dict[str, Any] | None, list[str], list[str]]:
-    """(world spec for 'world:<task>' datasets or None, classes, templates), validated (422).
+async def source_and_label_set(dataset: InlineDataset | str, sizes: dict[str, int] | None, label_set: LabelSet | None,
+                               label_set_id: str | None, rt: Ready, purpose: str
+                               ) -> tuple[sources.WorldTaskSource | sources.DatasetSource | None, list[str],
+                                          list[str]]:
+    """(the source of a fit or alignment, or None for inline data, classes, templates), validated (422/404).
 
-    A world task brings its own label set when none is given; a given one must have as many classes.
+    Without a label set, a world task brings its own, and an uploaded dataset its class folders with the default
+    templates. A given label set must have as many classes as the world task; an uploaded dataset's classes must
+    all be in it, and it must have images of each.
     """
-    world: dict[str, Any] | None = None
-    if isinstance(dataset, str) and dataset.startswith("world:"):
-        task = dataset.split(":", 1)[1]
-        if task not in tasks.TASKS:
-            raise InvalidRequest(f"unknown world task {task!r}; choose from {sorted(tasks.TASKS)}")
-        world = {"task": task, **(sizes or default_sizes()).model_dump()}
-    elif sizes is not None:
+    src = sources.parse_source(dataset) if isinstance(dataset, str) else None
+    if isinstance(src, sources.MixtureSource):  # parse_source without mixture=True never returns it
+        raise InvalidRequest("world:mixture is for bases only")
+    if sizes is not None and not isinstance(src, sources.WorldTaskSource):
         raise InvalidRequest("world_sizes applies to 'world:<task>' datasets only")
-    own = None
-    if world is not None:
-        t = tasks.TASKS[world["task"]]
-        own = (list(t.classes), list(t.templates))
-    classes, templates = await label_set_from(label_set, label_set_id, rt, own)
-    if world is not None and own is not None and len(classes) != len(own[0]):
-        raise InvalidRequest(f"world task {world['task']!r} has {len(own[0])} classes; the label set has "
+    default = None
+    counts: dict[str, int] | None = None
+    if isinstance(src, sources.WorldTaskSource):
+        src = src.model_copy(update={"sizes": dict(sizes or {})})
+        default = sources.task_label_set(src.task)
+    elif isinstance(src, sources.DatasetSource):
+        ds = await rt.io.run(rt.datasets.get, src.dataset_id)
+        default = (list(ds.classes), list(DEFAULT_TEMPLATES))
+        counts = ds.counts
+    classes, templates = await label_set_from(label_set, label_set_id, rt, default)
+    if isinstance(src, sources.WorldTaskSource) and default is not None and len(classes) != len(default[0]):
+        raise InvalidRequest(f"world task {src.task!r} has {len(default[0])} classes; the label set has "
                              f"{len(classes)}")
     if len(classes) < 2:
         raise InvalidRequest(f"{purpose} needs at least two classes")
-    return world, classes, templates
-
-
-def dataset_store(rt: Runtime) -> DatasetStore:
-    s = rt.settings
-    return DatasetStore(rt.artifacts.datasets_dir, s.max_image_pixels, s.max_dataset_images,
-                        ArchiveLimits(s.max_archive_bytes, s.max_archive_member_bytes, s.max_archive_members))
+    if isinstance(src, sources.DatasetSource) and counts is not None:
+        unknown = sorted(set(counts) - set(classes))
+        if unknown:
+            raise InvalidRequest(f"classes in the data that are not in the label set: {unknown[:10]}")
+        empty = [c for c in classes if counts.get(c, 0) == 0]
+        if empty:
+            raise InvalidRequest(f"classes of the label set without images: {empty[:10]}")
+        src = src.model_copy(update={"class_map": {c: classes.index(c) for c in counts}})
+    return src, classes, templates

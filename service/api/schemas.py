@@ -1,48 +1,117 @@
-"""Request and response models of the HTTP API (with the examples shown in /docs)."""
+"""Every request and response model of the HTTP API, in one place (with the examples shown in /docs).
+
+Identifiers are documented with the exact pattern the service enforces (``pattern`` in the schema). Where a field's
+check lives in code, because its error message says more than a pattern can (dataset ids next to world tasks, names,
+basis references), the pattern is in the schema all the same, so an outside tool sees the rule. Limits that come
+from settings (``max_images``, ``max_classes``, ...) are written into the served schema by ``service.api.app``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Alive", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary", "CoefficientSets", "Contribution",
-           "CoefficientVersion", "CoefficientVersions", "DatasetInfo", "HeadJobAccepted", "ImageResult",
-           "InlineDataset", "JobAccepted", "JobInfo", "JobList", "LabelSet", "LabelSetCreated", "LabelSetOut",
-           "Prediction", "Ready", "Report"]
+from residual import VARIANT_INFO
+from service.jobs.specs import FitHyperparameters
+from service.sources import world_task_names
+
+__all__ = ["BASIS_REF", "COEFFICIENT_REF", "DATASET_REF", "JOB_ID", "LABEL_SET_ID", "NAME", "VERSION", "Activate",
+           "Alive", "AlignmentReport", "AlignmentRequest", "AlignmentSizes", "BasisDetail", "BasisList", "BasisOut",
+           "BasisRef", "BasisRequest", "BasisUnit", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary",
+           "CoefficientSets", "CoefficientVersion", "CoefficientVersions", "Contribution", "DatasetInfo",
+           "DefaultBasis", "EmbeddingItem", "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "FitRequest",
+           "HeadDetail", "HeadJobAccepted", "HeadSpectra", "ImageResult", "InlineDataset", "JobAccepted", "JobInfo",
+           "JobList", "LabelSet", "LabelSetCreated", "LabelSetOut", "ModelCard", "ModelList", "Prediction", "Ready",
+           "UnitSpectrum", "Usage", "WorldSizes"]
 
 _PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+# ---- identifiers: the patterns the service enforces ---------------------------------------------------------------
+NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+VERSION = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+COEFFICIENT_REF = r"^[a-z0-9][a-z0-9_-]{0,63}(@[A-Za-z0-9][A-Za-z0-9_.-]{0,63})?$"
+LABEL_SET_ID = r"^ls-[0-9a-f]{20}$"
+DATASET_ID = r"^ds-[0-9a-f]{20}$"
+JOB_ID = r"^[A-Za-z0-9-]{1,64}$"
+BASIS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+BASIS_REF = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_TASKS = "|".join(world_task_names())
+DATASET_REF = rf"^(ds-[0-9a-f]{{20}}|world:({_TASKS}))$"
+BASIS_SOURCE = rf"^(ds-[0-9a-f]{{20}}|world:({_TASKS}|mixture))$"
+
+
+_CTRL = "\\x00-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069"  # control and bidirectional-override characters
+TEXT = f"^[^{_CTRL}]*[^\\s{_CTRL}][^{_CTRL}]*$"
+"""A class name or any text from a client: no control or bidirectional characters, not only whitespace."""
+TEMPLATE = f"^[^{{}}{_CTRL}]*\\{{\\}}[^{{}}{_CTRL}]*$"
+"""A prompt template: '{}' exactly once, no other braces, no control or bidirectional characters."""
+IMAGE = r"^(data:[A-Za-z0-9/+.-]*(;[A-Za-z0-9=.-]+)*;base64,)?[A-Za-z0-9+/=\s]*[A-Za-z0-9+/][A-Za-z0-9+/=\s]*$"
+"""An image as base64 or a base64 data URI (whitespace inside is ignored)."""
+
+
+def _pattern(pattern: str) -> dict[str, Any]:
+    """Schema-only pattern: documented for outside tools, checked in code with a message that says what to send."""
+    return {"pattern": pattern}
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": {"type", "message"}}``."""
+
+    class Detail(BaseModel):
+        type: str = Field(..., description="stable machine-readable kind (invalid_request, not_found, ...)")
+        message: str = Field(..., description="what went wrong and what to do, for a person")
+
+    error: Detail
+
+
+# ---- label sets, classification -----------------------------------------------------------------------------------
 
 
 class LabelSet(BaseModel):
     """Classes and prompt templates; each template holds one ``{}`` where the class name goes."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"classes": ["circle", "square", "triangle"], "templates": ["a photo of a {}."]}]})
 
-    classes: list[str] = Field(..., description="class names, unique, in the order scores refer to")
-    templates: list[str] | None = Field(None, description="prompt templates with '{}'; default a CLIP set")
+    classes: list[str] = Field(..., description="class names, unique, in the order scores refer to",
+                               json_schema_extra={"minItems": 1, "uniqueItems": True,
+                                                  "items": {"type": "string", "pattern": TEXT}})
+    templates: list[str] | None = Field(None, description="prompt templates, each with '{}' exactly once and no other "
+                                                          "braces; default: residual.DEFAULT_TEMPLATES",
+                                        json_schema_extra={"minItems": 1, "items": {"type": "string",
+                                                                                    "pattern": TEMPLATE}})
+
+
+ONE_LABEL_SET = {"not": {"required": ["label_set", "label_set_id"]}}
+"""label_set and label_set_id are alternatives: never both."""
 
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{
         "images": [f"data:image/png;base64,{_PNG_1PX}"],
         "label_set": {"classes": ["red", "green", "blue"], "templates": ["a photo of a {} object."]},
         "top_k": 2,
-    }]})
+    }], **ONE_LABEL_SET, "anyOf": [{"required": ["label_set"]}, {"required": ["label_set_id"]},
+                                   {"required": ["coefficients"]}]})
 
-    images: list[str] = Field(..., description="base64 strings or data URIs (PNG, JPEG, WebP, first GIF frame)")
+    images: list[str] = Field(..., description="base64 strings or data URIs (PNG, JPEG, WebP, first GIF frame); "
+                                               "line breaks inside are ignored",
+                              json_schema_extra={"minItems": 1, "items": {"type": "string", "pattern": IMAGE}})
     label_set: LabelSet | None = Field(None, description="inline label set")
-    label_set_id: str | None = Field(None, description="id returned by POST /label-sets")
-    coefficients: str | None = Field(None, description="coefficient set: NAME (active version) or NAME@VERSION")
+    label_set_id: str | None = Field(None, description="id returned by POST /label-sets",
+                                     json_schema_extra=_pattern(LABEL_SET_ID))
+    coefficients: str | None = Field(None, description="coefficient set: NAME (active version) or NAME@VERSION",
+                                     json_schema_extra=_pattern(COEFFICIENT_REF))
     top_k: int | None = Field(None, ge=1, le=1000, description="labels per image (default from settings)")
     scores: Literal["softmax", "cosine"] = Field(
         "softmax", description="'softmax': probabilities over the label set; 'cosine': the raw cosine between image "
                                "and class (independent per label, for multi-label use)")
     explain: int | None = Field(
-        None, ge=1, le=100_000, description="k: each returned label also gets its logit (exp(logit_scale) * cos) and "
-                                            "the k units (emb, L<l>.MLP, L<l>.H<h>) with the largest |contribution| "
-                                            "to it; with k >= the number of units they sum to the logit")
+        None, ge=1, le=100_000, description="k: each returned label also gets its logit (exp(logit_scale) * cos) "
+                                            "and the k units (emb, L<l>.MLP, L<l>.H<h>) with the largest "
+                                            "|contribution| to it; with k >= the number of units (all of them) they "
+                                            "sum to the logit")
 
 
 class Contribution(BaseModel):
@@ -101,17 +170,27 @@ class LabelSetOut(BaseModel):
     templates: list[str]
 
 
+# ---- health -----------------------------------------------------------------------------------------------------
+
+
+class Alive(BaseModel):
+    status: Literal["alive"] = Field(..., description="always 'alive'")
+
+
 class Ready(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ready", "model": "residual-tiny", "weights_id": "sha256:0123456789abcdef", "device": "cpu",
-        "redis": "up", "auth": "open"}]})
+        "redis": "up", "queue": "up", "auth": "open"}]})
 
-    status: str = Field(..., description="'ready', or 'degraded' when Redis is down (still 200)")
+    status: Literal["ready", "degraded"] = Field(..., description="'ready', or 'degraded' when a Redis is down or the "
+                                                                  "queue refuses writes (still 200)")
     model: str
     weights_id: str
     device: str
-    redis: str
-    auth: str = Field(..., description="'open' when no API key is configured (development default)")
+    redis: Literal["up", "down"] = Field(..., description="the text cache's Redis")
+    queue: Literal["up", "down", "refusing writes"] = Field(
+        ..., description="the job queue's Redis: 'refusing writes' when it is full (jobs answer 503)")
+    auth: Literal["open", "enabled"] = Field(..., description="'open' when no API key is configured (development)")
     queue_maxmemory_policy: str | None = Field(
         None, description="maxmemory-policy of the job-queue Redis ('unknown' when CONFIG is not allowed)")
     warnings: list[str] = Field(default_factory=list, description="configuration problems worth fixing")
@@ -121,9 +200,50 @@ class Ready(BaseModel):
 
 
 class InlineDataset(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    images: list[str] = Field(..., description="base64 images or data URIs")
-    labels: list[str] = Field(..., description="class name of each image")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    images: list[str] = Field(..., min_length=2, description="base64 images or data URIs",
+                              json_schema_extra={"items": {"type": "string", "pattern": IMAGE}})
+    labels: list[str] = Field(..., min_length=2, description="class name of each image (the same count)",
+                              json_schema_extra={"items": {"type": "string", "pattern": TEXT}})
+
+
+class WorldSizes(BaseModel):
+    """Images per split of a ``world:<task>`` fit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    train: int = Field(2000, ge=10, le=50_000)
+    val: int = Field(500, ge=10, le=20_000)
+    test: int = Field(1000, ge=10, le=20_000)
+
+
+def _variant_doc() -> str:
+    rows = [f"'{name}': {info.parameters}; {'needs a basis' if info.uses_basis else 'no basis'}; "
+            f"{info.starting_point}" for name, info in VARIANT_INFO.items()]
+    return "what is learned. " + " | ".join(rows)
+
+
+class FitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"name": "position", "dataset": "world:position", "variant": "full"},
+        {"name": "my-labels", "dataset": "ds-0123456789abcdef0123"},
+        {"name": "my-labels", "label_set": {"classes": ["cat", "dog"]}, "dataset": "ds-0123456789abcdef0123"}],
+        **ONE_LABEL_SET})
+
+    name: str = Field(..., description="coefficient set to create or to add a version to",
+                      json_schema_extra=_pattern(NAME))
+    label_set: LabelSet | None = Field(None, description="default: a world task's own label set, or an uploaded "
+                                                         "dataset's class folders with the default templates")
+    label_set_id: str | None = Field(None, json_schema_extra=_pattern(LABEL_SET_ID))
+    dataset: InlineDataset | str = Field(..., description="inline images, a dataset id (POST /datasets), or "
+                                                          "'world:<task>' ")
+    world_sizes: WorldSizes | None = None
+    variant: Literal["full", "fine", "coarse", "linear"] = Field("full", description=_variant_doc())
+    hyperparameters: FitHyperparameters = Field(default_factory=FitHyperparameters)  # type: ignore[arg-type]
+    basis: str = Field("reference", description="'reference' (the default basis), 'fit-on-train' (a PCA of this "
+                                                "dataset's training images), or a basis id or name (GET /bases)",
+                       json_schema_extra=_pattern(BASIS_REF))
+    activate: bool = Field(True, description="make the result the active version when the fit ends, unless the "
+                                             "active version changed while the job ran (e.g. a rollback)")
 
 
 class JobAccepted(BaseModel):
@@ -139,8 +259,9 @@ class HeadJobAccepted(JobAccepted):
 
 
 class JobInfo(BaseModel):
-    """A job's status; a succeeded job also carries its result (fits: ``coefficients``, ``activated`` and
-    ``report``; head alignments: the whole alignment report)."""
+    """A job's status; a succeeded job also carries its result: fits ``coefficients``, ``activated``, ``activation``,
+    ``written`` (and ``identical_to`` and ``message`` when an identical version existed), ``basis`` and ``report``;
+    basis builds ``basis``; head alignments the whole alignment report."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
         "job_id": "0f8e2a8c-4d7e-4b53-9d2a-3c5b0b8e9a11", "kind": "fit-alignment", "name": "position",
@@ -148,13 +269,23 @@ class JobInfo(BaseModel):
         "enqueued_at": "2026-11-29T10:00:00", "ended_at": None}]})
 
     job_id: str
-    kind: str = Field(..., description="'fit-alignment', 'head-alignment' or 'basis'")
+    kind: Literal["fit-alignment", "head-alignment", "basis"]
     name: str | None
-    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
-    progress: dict[str, Any] = Field(default_factory=dict, description="phase, fraction, epoch, val_accuracy...")
+    status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] = Field(
+        ..., description="'cancelling': a cancel was accepted and the job stops at its next batch or chunk")
+    progress: dict[str, Any] = Field(default_factory=dict, description="phase, fraction, epoch, val_accuracy, "
+                                                                       "images, total...")
     enqueued_at: str | None
     ended_at: str | None
     error: str | None = Field(None, description="last line of the failure, when failed")
+    coefficients: str | None = Field(None, description="fits: name@version")
+    activated: bool | None = Field(None, description="fits: whether this job made it the active version")
+    activation: str | None = Field(None, description="fits: why (not) activated")
+    written: bool | None = Field(None, description="fits: false when an identical version already existed")
+    identical_to: str | None = Field(None, description="fits: the existing identical version")
+    message: str | None = None
+    report: dict[str, Any] | None = Field(None, description="fits: the fit report (without the epoch history)")
+    basis: dict[str, Any] | None = Field(None, description="the basis the job used or built")
 
 
 class JobList(BaseModel):
@@ -199,14 +330,29 @@ class CoefficientSets(BaseModel):
     coefficient_sets: list[CoefficientSetSummary]
 
 
-class Alive(BaseModel):
-    status: str = Field(..., description="always 'alive'")
+class Activate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"version": "v-0123456789ab"}]})
+    version: str = Field(..., description="a version of this name (GET /coefficients/{name})",
+                         json_schema_extra=_pattern(VERSION))
 
 
-class Report(BaseModel):
-    """A computed report (head spectra, head details, alignments); its fields are documented on each route."""
+# ---- bases --------------------------------------------------------------------------------------------------------
 
-    model_config = ConfigDict(extra="allow")
+
+class BasisRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"name": "my-domain-10k", "dataset": "ds-0123456789abcdef0123"},
+        {"name": "world-shape", "dataset": "world:shape", "max_images": 2000}]})
+
+    name: str = Field(..., description="a label for the basis (1-64 letters, digits, '.', '_', '-'); need not be "
+                                       "unique: a name resolves to the newest basis with it",
+                      json_schema_extra=_pattern(BASIS_NAME))
+    dataset: str = Field(..., description="an uploaded dataset id (labels are ignored), 'world:<task>' (that task's "
+                                          "train split) or 'world:mixture' (the world's reference set)",
+                         json_schema_extra=_pattern(BASIS_SOURCE))
+    max_images: int = Field(10_000, ge=2, le=200_000, description="images used (a dataset larger than this is "
+                                                                  "subsampled evenly over its files)")
 
 
 class BasisOut(BasisRef):
@@ -217,6 +363,7 @@ class BasisOut(BasisRef):
     shipped: bool = Field(..., description="ships with the package")
     k_90: dict[str, float] = Field(..., description="over the heads: mean, median, min and max number of components "
                                                     "that explain 90 % of the variance")
+    warnings: list[str] = Field(default_factory=list, description="e.g. too few images for the components it keeps")
 
 
 class BasisUnit(BaseModel):
@@ -240,3 +387,193 @@ class BasisList(BaseModel):
     weights_id: str = Field(..., description="the served weights")
     default: DefaultBasis
     bases: list[BasisOut] = Field(..., description="newest first")
+
+
+# ---- heads --------------------------------------------------------------------------------------------------------
+
+
+class UnitSpectrum(BaseModel):
+    unit: int = Field(..., description="index in the paper's order: emb 0, MLP l at 1 + l, head (l, h) at 1 + L + "
+                                       "l*H + h")
+    type: Literal["emb", "mlp", "head"]
+    layer: int
+    head: int
+    evr: list[float] = Field(..., description="cumulative explained-variance ratio of the first components")
+    k_90: int
+    k_99: int
+    participation_ratio: float
+    evr_1: float
+    twonn: float | None = Field(..., description="TwoNN intrinsic dimension on the basis's own images (null when "
+                                                 "the server has none)")
+
+
+class Geometry(BaseModel):
+    layers: int
+    heads: int
+    head_dim: int
+    out_dim: int
+
+
+class HeadSpectra(BaseModel):
+    """``GET /heads``: one row per unit."""
+
+    model: str
+    weights_id: str
+    basis: BasisRef
+    basis_hash: str
+    basis_samples: int
+    twonn_samples: int
+    geometry: Geometry
+    units: list[UnitSpectrum]
+    twonn_note: str | None = None
+
+
+class DescribedText(BaseModel):
+    text: str
+    weight: float
+
+
+class HeadDescription(BaseModel):
+    method: Literal["somp", "textspan"]
+    samples: int
+    dictionary_size: int
+    texts: list[DescribedText]
+    explained: list[float]
+
+
+class ComponentDescription(BaseModel):
+    component: int
+    eigenvalue: float
+    explained_variance_ratio: float
+    texts: list[DescribedText]
+
+
+class HeadDetail(BaseModel):
+    """``GET /heads/{layer}/{head}``."""
+
+    layer: int
+    head: int
+    unit: int
+    basis: BasisRef
+    basis_hash: str
+    summary: UnitSpectrum
+    eigenvalues: list[float]
+    evr: list[float]
+    k_90: int
+    k_99: int
+    participation_ratio: float
+    description: HeadDescription | None
+    components: list[ComponentDescription]
+    description_note: str | None = None
+
+
+class AlignmentSizes(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    score: int = Field(500, ge=10, le=20_000, description="val-split images the heads are scored on")
+    eval: int = Field(1000, ge=10, le=20_000, description="test-split images of the ablation curve")
+
+
+class AlignmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"dataset": "world:colour"},
+        {"label_set": {"classes": ["cat", "dog"]}, "dataset": "ds-0123456789abcdef0123", "fractions": [0.05, 0.1]}],
+        **ONE_LABEL_SET})
+
+    label_set: LabelSet | None = None
+    label_set_id: str | None = Field(None, json_schema_extra=_pattern(LABEL_SET_ID))
+    dataset: InlineDataset | str = Field(..., description="inline images, a dataset id, or 'world:<task>'")
+    world_sizes: AlignmentSizes | None = None
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] | None = Field(None, min_length=1, max_length=10,
+                                          description="fractions of heads kept, each in (0, 1]; default: the "
+                                                      "reference's top-k points k in {1, max(2, 1%), 5%, 10%, 25%, "
+                                                      "50%, 75%} of the heads (floors)")
+    seeds: int = Field(10, ge=1, le=50, description="random head sets per fraction")
+    ablation: Literal["mean", "zero"] = Field("mean", description="what an ablated unit becomes")
+    top: int = Field(5, ge=1, le=100, description="top heads listed per score")
+    basis: str | None = Field(None, description="the basis whose per-head spectrum (k_90, evr_1) the report puts "
+                                                "next to the scores: an id or name; default: the default basis",
+                              json_schema_extra=_pattern(BASIS_REF))
+
+
+class HeadScore(BaseModel):
+    layer: int
+    head: int
+    supervised: float
+    text_correlation: float
+    rank_supervised: int
+    rank_text_correlation: int
+    k_90: int
+    evr_1: float
+
+
+class TopHead(BaseModel):
+    layer: int
+    head: int
+    score: float
+
+
+class AlignmentReport(BaseModel):
+    """``POST /heads/alignment`` (and a head-alignment job's result)."""
+
+    model: str
+    weights_id: str
+    classes: list[str]
+    label_set_id: str | None
+    dataset: str
+    basis: BasisRef
+    heads: list[HeadScore]
+    top_heads: dict[str, list[TopHead]] = Field(..., description="by score: text_correlation, supervised")
+    ablation: dict[str, Any] = Field(..., description="fractions, k, points, ablation, one accuracy list per score, "
+                                                      "random, random_std, all_units, heads_only")
+    n_score: int
+    n_eval: int
+    split: str
+
+
+# ---- OpenAI-shaped embeddings -------------------------------------------------------------------------------------
+
+
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"model": "residual-tiny", "input": ["a red circle", "a blue square"]},
+        {"model": "residual-tiny:position", "input": ["data:image/png;base64,..."], "modality": "image",
+         "encoding_format": "base64"}]})
+
+    model: str | None = Field(None, min_length=1, max_length=200,
+                              description="'<model>' or '<model>:<coefficient set>[@version]' (GET /v1/models); "
+                                          "default: the served model")
+    input: str | list[str] = Field(..., description="texts, or images as base64 / data URIs with modality 'image'")
+    modality: Literal["text", "image"] = "text"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="accepted only when equal to the model's dimension")
+    user: str | None = Field(None, max_length=256, description="ignored (OpenAI compatibility)")
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(..., description="floats, or base64 of little-endian float32")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(..., description="text tokens (without padding); images count 0")
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "residual-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

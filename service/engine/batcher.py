@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from residual.decomposition import RawFeatures
+from service.engine.pools import ModelOwner
 from service.errors import BackendUnavailable, Overloaded, PayloadTooLarge
 from service.metrics import Metrics
-from service.pools import ModelOwner
 
 __all__ = ["Batcher"]
 

@@ -13,8 +13,15 @@ Two implementations behind one interface (:class:`ImagePipeline`), chosen by the
   and normalisation run as tensor ops on the device, on a side stream on CUDA. Pixels differ from ``pil`` by at most
   a few levels of 255 (JPEG decoders and the resize kernel round differently; the test states the bound).
 
-Every image is checked by Pillow's header-only open first, so limits and error answers (413, 415) are the same in
-both; a bad image fails its request only, never the batch of other requests.
+Every image of a request is checked by Pillow's header-only open first (:func:`service.images.probe`), before any
+is decoded: limits and error answers (413, 415) are the same in both, a request whose images hold more than
+``max_request_pixels`` in total is refused with 413 at once, and a bad image fails its request only, never the
+batch of other requests.
+
+Memory: each decode thread decodes, resizes and releases one image at a time, under a per-process
+:class:`service.images.PixelBudget` (``max_decoding_pixels``), so what decoders hold is bounded whatever the
+requests; large JPEGs decode in draft mode; after a request with many decoded pixels, freed memory goes back to the
+OS (:func:`service.memory.trim`).
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from PIL import Image
 
 from residual import Backbone
 from residual.backbone import resize_crop
+from service import memory
+from service.engine.pools import Pool
 from service.errors import PayloadTooLarge
-from service.images import ALLOWED_FORMATS, decode_image
-from service.pools import Pool
+from service.images import ALLOWED_FORMATS, ImageHeader, PixelBudget, decode_image, probe
 
 __all__ = ["ImagePipeline", "decode_threads"]
 
@@ -50,13 +58,19 @@ def decode_threads(setting: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_TRIM_AFTER_PIXELS = 16_000_000  # a request that decoded this many pixels hands freed memory back afterwards
+
+
 class ImagePipeline:
     def __init__(self, bb: Backbone, pool: Pool, threads: int, max_pixels: int,
-                 kind: Literal["auto", "pil", "tensor"] = "auto") -> None:
+                 kind: Literal["auto", "pil", "tensor"] = "auto", max_request_pixels: int = 100_000_000,
+                 budget: PixelBudget | None = None) -> None:
         self.bb = bb
         self.pool = pool
         self.threads = threads
         self.max_pixels = max_pixels
+        self.max_request_pixels = max_request_pixels
+        self.budget = budget or PixelBudget(4 * max_pixels)
         self.size = bb.geometry.image_size
         cfg = bb.visual.preprocess_cfg
         self.device = bb.device
@@ -76,25 +90,45 @@ class ImagePipeline:
     async def __call__(self, blobs: list[bytes]) -> torch.Tensor:
         """(n,) encoded images -> (n, 3, S, S) float32 pixels (on the model's device for ``tensor``)."""
         chunks = _split(len(blobs), self.threads)
+        headers = await asyncio.gather(*(self.pool.run(self._probe, blobs[a:b], a) for a, b in chunks))
+        total = sum(h.pixels for part in headers for h in part)
+        if total > self.max_request_pixels:
+            raise PayloadTooLarge(f"the request's {len(blobs)} images hold {total} pixels in all; the limit per "
+                                  f"request is {self.max_request_pixels} (send fewer or smaller images)")
         work = self._pil_chunk if self.kind == "pil" else self._tensor_chunk
-        parts = await asyncio.gather(*(self.pool.run(work, blobs[a:b], a) for a, b in chunks))
+        parts = await asyncio.gather(*(self.pool.run(work, blobs[a:b], a, h)
+                                       for (a, b), h in zip(chunks, headers, strict=True)))
+        if total >= _TRIM_AFTER_PIXELS:
+            self.pool.submit(memory.trim)  # freed decode buffers back to the OS (rate-limited; not awaited)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _probe(self, blobs: list[bytes], offset: int) -> list[ImageHeader]:
+        return [probe(blob, self.max_pixels, offset + i) for i, blob in enumerate(blobs)]
+
     # ---- pil ---------------------------------------------------------------------------------------------------
-    def _pil_chunk(self, blobs: list[bytes], offset: int) -> torch.Tensor:
-        images = [decode_image(blob, self.max_pixels, offset + i) for i, blob in enumerate(blobs)]
-        if all(im.size == (self.size, self.size) for im in images):
-            return self.bb.pixels_from_arrays(np.stack([np.asarray(im) for im in images]))
-        return torch.stack([self.bb.preprocess(im) for im in images])
+    def _pil_chunk(self, blobs: list[bytes], offset: int, headers: list[ImageHeader]) -> torch.Tensor:
+        """One image at a time: decode (draft mode for large JPEGs), preprocess, release."""
+        out = []
+        for i, (blob, header) in enumerate(zip(blobs, headers, strict=True)):
+            with self.budget.hold(header.pixels):
+                im = decode_image(blob, self.max_pixels, offset + i, draft_to=self.size)
+                if im.size == (self.size, self.size):  # already the input size: normalise only (identical pixels)
+                    out.append(self.bb.pixels_from_arrays(np.array(im)[None])[0])
+                else:
+                    out.append(self.bb.preprocess(im))
+                im.close()
+                del im
+        return torch.stack(out)
 
     # ---- tensor ------------------------------------------------------------------------------------------------
-    def _tensor_chunk(self, blobs: list[bytes], offset: int) -> torch.Tensor:
-        if self._stream is None:
-            return self._tensor_work(blobs, offset)
-        with torch.cuda.stream(self._stream):
-            out = self._tensor_work(blobs, offset)
-        self._stream.synchronize()  # the forward (another stream) reads these pixels next
-        return out
+    def _tensor_chunk(self, blobs: list[bytes], offset: int, headers: list[ImageHeader]) -> torch.Tensor:
+        with self.budget.hold(sum(h.pixels for h in headers)):
+            if self._stream is None:
+                return self._tensor_work(blobs, offset)
+            with torch.cuda.stream(self._stream):
+                out = self._tensor_work(blobs, offset)
+            self._stream.synchronize()  # the forward (another stream) reads these pixels next
+            return out
 
     def _tensor_work(self, blobs: list[bytes], offset: int) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -106,17 +140,18 @@ class ImagePipeline:
                 decoded = decode_jpeg([torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs],
                                       mode=ImageReadMode.RGB, device=self.device)
                 for i, t in zip(jpegs, decoded, strict=True):
-                    images[i] = t  # (3, h, w) uint8
+                    images[i] = self._resize_crop(t)  # (3, h, w) -> (3, S, S) uint8; the full-size one is freed
             except RuntimeError:  # one bad JPEG fails the batched call: decode these one by one below
                 pass
         for i, blob in enumerate(blobs):
             if images[i] is None:
                 im = decode_image(blob, self.max_pixels, offset + i)  # 415/413 for this image alone
                 arr = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (h, w, 3) -> (3, h, w) uint8
+                im.close()
                 if self.device.type == "cuda":
                     arr = arr.pin_memory().to(self.device, non_blocking=True)
-                images[i] = arr
-        return self._normalise(torch.stack([self._resize_crop(t) for t in images if t is not None]))
+                images[i] = self._resize_crop(arr)
+        return self._normalise(torch.stack([t for t in images if t is not None]))
 
     def _nvjpeg_can(self, blob: bytes, index: int) -> bool:
         """Header checks (same limits and errors as Pillow's path), then: a baseline RGB/grey JPEG, complete."""

@@ -11,21 +11,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, Generic, TypeVar
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, TypeVar
 
 from service.errors import BackendUnavailable
 
-__all__ = ["ModelOwner", "Pool", "SingleFlight"]
+__all__ = ["ModelOwner", "Pool"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-K = TypeVar("K")
 _STOP = object()
 
 
@@ -40,6 +40,7 @@ class Pool:
         self._stopped = threading.Event()
         self._local = threading.local()
         self._busy = 0
+        self._running: set[Future[Any]] = set()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
         for t in self._threads:
@@ -81,9 +82,17 @@ class Pool:
     def busy(self) -> int:
         return self._busy
 
-    def stop(self) -> None:
-        """Refuse new work and fail what is queued; running calls finish on their daemon threads."""
+    def stop(self, fail_running: bool = False) -> None:
+        """Refuse new work and fail what is queued. Running calls finish on their daemon threads; with
+        ``fail_running`` their callers are answered at once (BackendUnavailable) instead of waiting for them: the
+        shutdown deadline must not wait for a long chunk on a loaded machine."""
         self._stopped.set()
+        if fail_running:
+            with self._lock:
+                running = list(self._running)
+            for fut in running:
+                with contextlib.suppress(InvalidStateError):  # it may have finished a moment ago
+                    fut.set_exception(BackendUnavailable("the service is shutting down"))
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -106,15 +115,19 @@ class Pool:
                 continue
             with self._lock:
                 self._busy += 1
+                self._running.add(fut)
             try:
                 result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(exc)
+                with contextlib.suppress(InvalidStateError):  # already failed by stop(fail_running=True)
+                    fut.set_exception(exc)
             else:
-                fut.set_result(result)
+                with contextlib.suppress(InvalidStateError):
+                    fut.set_result(result)
             finally:
                 with self._lock:
                     self._busy -= 1
+                    self._running.discard(fut)
 
 
 class ModelOwner(Pool):
@@ -127,37 +140,3 @@ class ModelOwner(Pool):
         """For long chunked work: stop between chunks once the service is shutting down."""
         if self.stopping:
             raise BackendUnavailable("the service is shutting down")
-
-
-class SingleFlight(Generic[K, T]):
-    """Concurrent callers for one key share one computation (the first computes, the others wait for it)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inflight: dict[K, Future[T]] = {}
-
-    def get(self, key: K, lookup: Callable[[], T | None], compute: Callable[[], T]) -> tuple[T, str]:
-        """(value, how): ``lookup()`` under the lock ("hit"), else wait for a computation in flight ("shared"),
-        else ``compute()`` here ("miss"). ``compute`` must make ``lookup`` succeed before it returns, so a caller
-        arriving right after it ends finds the value instead of computing it again."""
-        with self._lock:
-            hit = lookup()
-            if hit is not None:
-                return hit, "hit"
-            fut = self._inflight.get(key)
-            leader = fut is None
-            if fut is None:
-                fut = self._inflight[key] = Future()
-        if not leader:
-            return fut.result(), "shared"
-        try:
-            value = compute()
-        except BaseException as exc:
-            with self._lock:
-                del self._inflight[key]
-            fut.set_exception(exc)
-            raise
-        with self._lock:
-            del self._inflight[key]
-        fut.set_result(value)
-        return value, "miss"

@@ -1,9 +1,14 @@
-"""Text-embedding cache: class matrices in process (LRU) and in Redis, prompt embeddings in Redis.
+"""Text-embedding cache: class matrices in process (LRU, bounded in bytes) and in Redis, prompt embeddings in Redis.
 
 Entries are raw little-endian float32 bytes behind a one-line header naming dtype and shape
 (``float32 128\\n`` or ``float32 10x128\\n``); never pickle. Keys carry the model weights id, so two models
 never share entries. Redis failures never fail a request: the cache marks Redis down for ``retry_s``,
 computes directly, and tries Redis again afterwards (self-healing without a restart).
+
+The cache never fills a Redis it shares with the job queue: when the server has a ``maxmemory``, writes stop once
+its used memory passes ``high_water`` of it (read from ``INFO memory`` at most once per second), and reads go on.
+Prompts are encoded ``TEXT_CHUNK`` at a time, each chunk one job of the model owner, so the image batches of other
+requests interleave with a large label set instead of waiting for all of it.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ import torch
 
 from residual.classifier import fill_templates, prompt_embeddings_to_classes
 from service.metrics import Metrics
-from service.pools import SingleFlight
+from service.singleflight import SingleFlight
 
-__all__ = ["RedisState", "TextCache", "decode_array", "encode_array", "queue_policy_warning"]
+__all__ = ["TEXT_CHUNK", "RedisState", "TextCache", "decode_array", "encode_array"]
 
 logger = logging.getLogger(__name__)
+
+TEXT_CHUNK = 64
+"""Prompts per text-encoder call (one model-owner job each)."""
 
 
 def encode_array(t: torch.Tensor) -> bytes:
@@ -45,15 +53,36 @@ def decode_array(blob: bytes) -> torch.Tensor:
 
 
 class RedisState:
-    """A Redis client that backs off after a failure and reports up/down."""
+    """A Redis client that backs off after a failure, reports up/down, and knows when writes should stop."""
 
-    def __init__(self, url: str, timeout_s: float, retry_s: float, metrics: Metrics) -> None:
+    def __init__(self, url: str, timeout_s: float, retry_s: float, metrics: Metrics, high_water: float = 0.8) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.retry_s = retry_s
         self.metrics = metrics
+        self.high_water = high_water
         self._down_until = 0.0
         self._lock = threading.Lock()
+        self._memory_checked = 0.0
+        self._full = False
         self.up = False
+
+    def writable(self) -> bool:
+        """False while the server's used memory is over ``high_water`` of its ``maxmemory`` (checked at most once
+        per second; a server without maxmemory is always writable)."""
+        now = time.monotonic()
+        if now - self._memory_checked >= 1.0:
+            self._memory_checked = now
+            info = self.call(lambda c: c.info("memory"))
+            if isinstance(info, dict):
+                limit = int(info.get("maxmemory", 0) or 0)
+                used = int(info.get("used_memory", 0) or 0)
+                full = limit > 0 and used >= self.high_water * limit
+                if full and not self._full:
+                    logger.warning("redis memory %d of %d bytes: the text cache stops writing until it drops below "
+                                   "%.0f%%", used, limit, 100 * self.high_water)
+                self._full = full
+                self.metrics.text_cache_writes_paused.set(1 if full else 0)
+        return not self._full
 
     def call(self, fn: Callable[[redis.Redis], object]) -> object | None:
         """Run ``fn(client)``; None when Redis is (or just went) down."""
@@ -80,14 +109,16 @@ class RedisState:
 
 class TextCache:
     def __init__(self, weights_id: str, encode: Callable[[list[str]], torch.Tensor], state: RedisState,
-                 ttl_s: int, lru_size: int, metrics: Metrics) -> None:
+                 ttl_s: int, lru_size: int, metrics: Metrics, lru_bytes: int = 256 * 1024 * 1024) -> None:
         self.weights_id = weights_id
-        self.encode = encode  # prompts -> (n, d) raw text embeddings
+        self.encode = encode  # prompts -> (n, d) raw text embeddings; called with at most TEXT_CHUNK prompts
         self.redis = state
         self.ttl_s = ttl_s
         self.lru_size = lru_size
+        self.lru_bytes = lru_bytes
         self.metrics = metrics
         self._lru: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lru_nbytes = 0
         self._flight: SingleFlight[str, torch.Tensor] = SingleFlight()
         self._lock = threading.Lock()
 
@@ -135,7 +166,8 @@ class TextCache:
         prompts = fill_templates(classes, templates)
         prompt_emb = self.prompt_embeddings(prompts)
         emb = prompt_embeddings_to_classes(prompt_emb, len(classes), len(templates))
-        self.redis.call(lambda c: c.set(mkey, encode_array(emb), ex=self.ttl_s))
+        if self.redis.writable():
+            self.redis.call(lambda c: c.set(mkey, encode_array(emb), ex=self.ttl_s))
         self._remember(label_set_id, emb)
         return emb
 
@@ -153,8 +185,13 @@ class TextCache:
                         found[i] = None
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            fresh = self.encode([prompts[i] for i in missing]).float().cpu()
-            self.metrics.text_encoder_prompts.inc(len(missing))
+            todo = [prompts[i] for i in missing]
+            parts = []
+            for a in range(0, len(todo), TEXT_CHUNK):  # one owner job per chunk: image batches run in between
+                chunk = todo[a : a + TEXT_CHUNK]
+                parts.append(self.encode(chunk).float().cpu())
+                self.metrics.text_encoder_prompts.inc(len(chunk))
+            fresh = torch.cat(parts)
             for j, i in enumerate(missing):
                 found[i] = fresh[j]
 
@@ -164,30 +201,23 @@ class TextCache:
                     pipe.set(keys[i], encode_array(fresh[j]), ex=self.ttl_s)
                 pipe.execute()
 
-            self.redis.call(write)
+            if self.redis.writable():
+                self.redis.call(write)
         return torch.stack([f for f in found if f is not None])
 
+    @property
+    def nbytes(self) -> int:
+        return self._lru_nbytes
+
     def _remember(self, label_set_id: str, emb: torch.Tensor) -> None:
+        size = emb.numel() * emb.element_size()
         with self._lock:
+            old = self._lru.pop(label_set_id, None)
+            if old is not None:
+                self._lru_nbytes -= old.numel() * old.element_size()
             self._lru[label_set_id] = emb
-            self._lru.move_to_end(label_set_id)
-            while len(self._lru) > self.lru_size:
-                self._lru.popitem(last=False)
-
-
-def queue_policy_warning(conn: redis.Redis) -> tuple[str | None, str | None]:
-    """(maxmemory-policy of the job-queue Redis, a warning when it may evict jobs).
-
-    The queue must never lose a job to eviction: anything but ``noeviction`` is reported. ``unknown`` when the
-    server refuses CONFIG (managed Redis, ACLs) and None when it does not answer.
-    """
-    try:
-        policy = str(conn.config_get("maxmemory-policy").get("maxmemory-policy", "unknown"))
-    except redis.ResponseError:
-        return "unknown", None
-    except (redis.RedisError, OSError):
-        return None, None
-    if policy != "noeviction":
-        return policy, (f"the job-queue Redis uses maxmemory-policy {policy!r}: queued jobs and results can be "
-                        "evicted under memory pressure; use 'noeviction' (see deploy/README.md)")
-    return policy, None
+            self._lru_nbytes += size
+            while len(self._lru) > 1 and (len(self._lru) > self.lru_size or self._lru_nbytes > self.lru_bytes):
+                _, gone = self._lru.popitem(last=False)
+                self._lru_nbytes -= gone.numel() * gone.element_size()
+            self.metrics.text_cache_bytes.set(self._lru_nbytes)

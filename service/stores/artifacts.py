@@ -6,9 +6,13 @@ It owns the layout and the ACTIVE pointers; no other module builds these paths::
     coefficients/<name>/<version>.safetensors       coefficient sets (residual.CoefficientSet)
     coefficients/<name>/ACTIVE                      the version served for plain ``name``
     coefficients/<name>/.lock                       flock taken while ACTIVE is compared and set
-    bases/*.safetensors                             bases (the embedded model's ships with the package)
-    datasets/<dataset_id>/                          uploaded datasets (service.datasets)
+    bases/<basis id>.safetensors                    bases written here (any other *.safetensors is read too: a
+                                                    basis built elsewhere; the embedded model's ships with the
+                                                    package)
+    bases/.world.lock                               held while the world basis is built (one build per volume)
+    datasets/<dataset_id>/                          uploaded datasets (service.stores.datasets)
     features/<key>-<weights>.safetensors            cached raw features of a dataset (worker)
+    jobs/<job_id>.json                              the result of a succeeded job (outlives Redis refusing it)
 
 Every file is published with :func:`residual.io.atomic_write` (uuid temporary name, fsync, rename), so readers
 in other pods see the old or the new file, never a part, and two writers never share a temporary file.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -30,11 +35,14 @@ from safetensors import SafetensorError, safe_open
 from residual.io import atomic_write
 from service.errors import InvalidRequest, NotFound
 
-__all__ = ["ANY", "ID_PATTERN", "VERSION_PATTERN", "ArtifactStore"]
+__all__ = ["ANY", "ID_PATTERN", "VERSION_PATTERN", "ArtifactStore", "check_name"]
+
+logger = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LABEL_SET = re.compile(r"^ls-[0-9a-f]{20}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
 class _Any:
@@ -70,6 +78,25 @@ class ArtifactStore:
         if not VERSION_PATTERN.fullmatch(version):
             raise InvalidRequest(f"version {version!r} must match {VERSION_PATTERN.pattern}")
         return self.coefficient_dir(name) / f"{version}.safetensors"
+
+    # ---- job results --------------------------------------------------------------------------------------------
+    def write_job_result(self, job_id: str, result: dict[str, Any]) -> None:
+        """Best effort (a full volume is logged, not raised: the job's own work is done)."""
+        if not _JOB_ID.fullmatch(job_id):
+            return
+        try:
+            atomic_write(self.root / "jobs" / f"{job_id}.json", json.dumps(result).encode())
+        except OSError as exc:
+            logger.warning("result of job %s not recorded in the artifact store: %s", job_id, exc)
+
+    def job_result(self, job_id: str) -> dict[str, Any] | None:
+        if not _JOB_ID.fullmatch(job_id):
+            return None
+        try:
+            data = json.loads((self.root / "jobs" / f"{job_id}.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     # ---- label sets -------------------------------------------------------------------------------------------
     def write_label_set(self, ident: str, classes: list[str], templates: list[str]) -> None:
@@ -119,14 +146,24 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        folder = self.coefficient_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "a+b") as fh:
+        with self.lock(self.coefficient_dir(name) / ".lock"):
+            yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def lock(path: Path) -> Iterator[None]:
+        """An exclusive lock shared by every process and pod on the volume (flock of ``path``)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def basis_path(self, basis_id: str) -> Path:
+        """Where ``POST /bases`` and the service write a basis: ``bases/<id>.safetensors``."""
+        return self.bases_dir / f"{basis_id}.safetensors"
 
     def activate(self, name: str, version: str, expected: str | None = ANY) -> bool:
         """Make ``version`` the active one; with ``expected``, only if the active version is still that one.

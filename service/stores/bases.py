@@ -1,6 +1,7 @@
 """Bases in the artifact store: listing, lookup by id or name, and the default basis of the served weights.
 
-A basis is any ``residual.basis/1`` safetensors file under ``bases/`` (see :class:`service.artifacts.ArtifactStore`).
+A basis is any ``residual.basis/1`` safetensors file under ``bases/`` (see
+:class:`service.stores.artifacts.ArtifactStore`).
 ``POST /bases`` writes ``bases/<id>.safetensors``; a basis built offline (``residual spectrum --images DIR --out
 FILE``) can be dropped into that folder under any file name. A basis id is ``b-`` and the 16 hex digits of the
 content hash, so the same basis has the same id wherever it was built; names are human labels and need not be
@@ -25,6 +26,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,14 +35,13 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from residual import Basis
-from residual.backbone import EMBEDDED_MODELS, Backbone
+from residual.backbone import EMBEDDED_MODELS, Backbone, shipped_basis_path
 from residual.basis import FORMAT
 from residual.errors import ResidualError
 from residual.heads import unit_spectra
-from residual.spectral import k_at
-from residual.tiny.reference import shipped_basis_path
-from service.artifacts import ArtifactStore
+from residual.spectral import explained_variance, k_at
 from service.errors import Conflict, InvalidRequest, NotFound
+from service.stores.artifacts import ArtifactStore
 
 __all__ = ["BASIS_ID", "WORLD", "BasisInfo", "BasisStore", "basis_id", "basis_units", "check_basis_name",
            "no_basis_message"]
@@ -78,11 +79,12 @@ class BasisInfo:
     shipped: bool  # ships with the package (read-only)
     k_90: dict[str, float]  # over the heads: mean, median, min, max of k at 0.9 explained variance
     path: Path = field(repr=False)
+    warnings: tuple[str, ...] = ()  # e.g. built from too few images for the components it keeps
 
     def public(self) -> dict[str, Any]:
         return {"basis_id": self.basis_id, "name": self.name, "model": self.model, "weights_id": self.weights_id,
                 "hash": self.hash, "source": self.source, "n_images": self.n_images, "created_at": self.created_at,
-                "shipped": self.shipped, "k_90": self.k_90}
+                "shipped": self.shipped, "k_90": self.k_90, "warnings": list(self.warnings)}
 
     def ref(self) -> dict[str, Any]:
         """What a response built on this basis says of it."""
@@ -102,8 +104,8 @@ def _read_info(path: Path, shipped: bool) -> BasisInfo | None:
         logger.warning("skipping basis %s: %s", path, exc)
         return None
     g = meta["geometry"]
-    heads = eig[1 + g["layers"] :]  # (L*H, d)
-    evr = heads.cumsum(-1) / heads.sum(-1, keepdim=True).clamp_min(1e-300)  # (L*H, d)
+    heads = eig[1 + g["layers"] :]  # (L*H, d): the file's geometry is a dict here, not a Geometry
+    evr = explained_variance(heads)  # (L*H, d)
     k = k_at(evr, 0.9).double()  # (L*H,)
     content_hash = meta.get("hash") or ""
     if not content_hash:  # an old file without a recorded hash: load it once to compute it
@@ -122,7 +124,22 @@ def _read_info(path: Path, shipped: bool) -> BasisInfo | None:
         created_at=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(timespec="seconds"), shipped=shipped,
         k_90={"mean": round(float(k.mean()), 3), "median": float(k.median()), "min": float(k.min()),
               "max": float(k.max())},
-        path=path)
+        path=path, warnings=_warnings(int(meta.get("n_samples", 0)), int(g["out_dim"])))
+
+
+MIN_IMAGES_PER_COMPONENT = 10
+
+
+def _warnings(n_images: int, components: int) -> tuple[str, ...]:
+    """A basis keeps up to ``components`` (the output width) components per unit; with fewer than
+    MIN_IMAGES_PER_COMPONENT images for each, its trailing eigenvalues (and every k, TwoNN and fit built on them) are
+    noise."""
+    advised = MIN_IMAGES_PER_COMPONENT * components
+    if n_images >= advised:
+        return ()
+    return (f"built from {n_images} images, under {MIN_IMAGES_PER_COMPONENT} per component it keeps (up to "
+            f"{components} per unit): its spectra and the fits built on it are unreliable; build it from "
+            f"{advised} images or more",)
 
 
 class BasisStore:
@@ -244,9 +261,18 @@ class BasisStore:
                 self._loaded.popitem(last=False)
         return basis
 
+    def world(self, build: Callable[[], Basis]) -> BasisInfo:
+        """The world basis (operator opt-in), built at most once per volume: the build holds a lock shared by every
+        process and pod, and whoever waited finds the first one's file instead of building another."""
+        with self.artifacts.lock(self.artifacts.bases_dir / ".world.lock"):
+            info = self.default()
+            if info is None:
+                info = self.save(build())
+        return info
+
     def save(self, basis: Basis) -> BasisInfo:
         """Publish ``basis`` as ``bases/<id>.safetensors`` (atomic; the same basis twice is one file)."""
-        path = self.artifacts.bases_dir / f"{basis_id(basis.hash)}.safetensors"
+        path = self.artifacts.basis_path(basis_id(basis.hash))
         basis.save(path)
         info = _read_info(path, shipped=False)
         assert info is not None

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 import uuid
 import zipfile
 import zlib
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia
-from service.images import decode_image
+from service.errors import InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMedia, disk_full
+from service.images import decode_image, probe
+from service.validation import clean_text
 
 __all__ = ["ArchiveLimits", "Dataset", "DatasetStore", "decoded_chunks", "spread"]
 
@@ -107,12 +109,30 @@ class Dataset:
 
 
 class DatasetStore:
-    def __init__(self, root: Path, max_pixels: int, max_images: int, limits: ArchiveLimits = _NO_LIMITS) -> None:
-        """``root``: the artifact store's datasets folder."""
+    def __init__(self, root: Path, max_pixels: int, max_images: int, limits: ArchiveLimits = _NO_LIMITS,
+                 max_class_chars: int = 300) -> None:
+        """``root``: the artifact store's datasets folder; class names are checked like label-set classes."""
         self.root = root
         self.max_pixels = max_pixels
         self.max_images = max_images
         self.limits = limits
+        self.max_class_chars = max_class_chars
+
+    def sweep(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary dataset folders left by a crash or a full disk (older than ``older_than_s``: another
+        pod may be writing a younger one right now). Returns how many were removed."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for tmp in self.root.glob(".ds-*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def _write(self, samples: list[tuple[str, bytes]]) -> Dataset:
         """samples: (class name, image bytes), already validated."""
@@ -123,35 +143,66 @@ class DatasetStore:
         classes = sorted({c for c, _ in samples})
         if len(classes) < 2:
             raise InvalidRequest(f"the dataset has a single class ({classes[0]!r}); fitting needs at least two")
-        h = hashlib.sha256()
-        for c, blob in sorted(samples, key=lambda s: (s[0], hashlib.sha256(s[1]).digest())):
-            h.update(c.encode() + b"\0" + hashlib.sha256(blob).digest())
-        dataset_id = "ds-" + h.hexdigest()[:20]
+        dataset_id = self.id_of(samples)
         folder = self.root / dataset_id
         if (folder / "manifest.json").is_file():
             return self.get(dataset_id)
         tmp = self.root / f".{dataset_id}.{uuid.uuid4().hex}.tmp"
-        files = []
-        for n, (c, blob) in enumerate(samples):
-            idx = classes.index(c)
-            im = decode_image(blob, self.max_pixels, n)
-            fmt = (getattr(im, "format", None) or "PNG").upper()
-            rel = f"{idx}/{n}.{_EXT.get(fmt, 'png')}"
-            (tmp / str(idx)).mkdir(parents=True, exist_ok=True)
-            _write_synced(tmp / rel, blob)
-            files.append((rel, idx))
-        _write_synced(tmp / "manifest.json", json.dumps({"classes": classes, "files": files}).encode())
+        index = {c: i for i, c in enumerate(classes)}
+        try:
+            files = []
+            for n, (c, blob) in enumerate(samples):
+                idx = index[c]
+                fmt = probe(blob, self.max_pixels, n).format.upper()
+                rel = f"{idx}/{n}.{_EXT.get(fmt, 'png')}"
+                (tmp / str(idx)).mkdir(parents=True, exist_ok=True)
+                _write_synced(tmp / rel, blob)
+                files.append((rel, idx))
+            _write_synced(tmp / "manifest.json", json.dumps({"classes": classes, "files": files}).encode())
+        except BaseException as exc:  # a full disk (507), a cancelled request: leave nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = disk_full(exc)
+            if full is not None:
+                raise full from exc
+            raise
         try:
             tmp.rename(folder)  # atomic publish; a concurrent identical upload may have won
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.get(dataset_id)
 
-    def from_inline(self, images: list[bytes], labels: list[str]) -> Dataset:
+    @staticmethod
+    def id_of(samples: list[tuple[str, bytes]]) -> str:
+        """The content hash of (class, image bytes) pairs, whatever their order: ``ds-<20 hex>``."""
+        h = hashlib.sha256()
+        for c, blob in sorted(samples, key=lambda s: (s[0], hashlib.sha256(s[1]).digest())):
+            h.update(c.encode() + b"\0" + hashlib.sha256(blob).digest())
+        return "ds-" + h.hexdigest()[:20]
+
+    def exists(self, dataset_id: str) -> bool:
+        return bool(_ID.fullmatch(dataset_id)) and (self.root / dataset_id / "manifest.json").is_file()
+
+    def remove(self, dataset_id: str) -> None:
+        """Delete a stored dataset (a request that stored it and was then refused leaves nothing)."""
+        if _ID.fullmatch(dataset_id):
+            shutil.rmtree(self.root / dataset_id, ignore_errors=True)
+
+    def check_inline(self, images: list[bytes], labels: list[str]) -> None:
+        """Validate an inline dataset without storing it: counts, labels (like label-set classes), every image
+        decodable within the limits (422/413/415)."""
         if len(images) != len(labels):
             raise InvalidRequest(f"dataset has {len(images)} images but {len(labels)} labels")
+        if len(images) > self.max_images:
+            raise PayloadTooLarge(f"{len(images)} images; a dataset holds at most {self.max_images}")
+        for i, label in enumerate(labels):
+            clean_text(label, f"dataset.labels[{i}]", self.max_class_chars)
         for i, blob in enumerate(images):
-            decode_image(blob, self.max_pixels, i)
+            decode_image(blob, self.max_pixels, i).close()
+        if len(set(labels)) < 2:
+            raise InvalidRequest(f"the dataset has a single class ({labels[0]!r}); fitting needs at least two")
+
+    def from_inline(self, images: list[bytes], labels: list[str]) -> Dataset:
+        self.check_inline(images, labels)
         return self._write(list(zip(labels, images, strict=True)))
 
     def from_archive(self, data: bytes) -> Dataset:
@@ -162,7 +213,7 @@ class DatasetStore:
             raise InvalidRequest(f"the archive is corrupt: {exc}") from exc
         for i, (_, blob) in enumerate(samples):
             try:
-                decode_image(blob, self.max_pixels, i)
+                decode_image(blob, self.max_pixels, i).close()
             except (UnsupportedMedia, PayloadTooLarge) as exc:
                 raise InvalidRequest(f"archive entry {names[i]!r}: {exc.message}") from exc
         return self._write(samples)
@@ -204,19 +255,20 @@ class DatasetStore:
                     names.append(member.name)
         return samples, names
 
-    @staticmethod
-    def _class_of(name: str) -> str:
+    def _class_of(self, name: str) -> str:
+        shown = ascii(name[:120])
         path = PurePosixPath(name.replace("\\", "/"))
         if path.is_absolute() or ".." in path.parts or name.startswith("/"):
-            raise InvalidRequest(f"archive entry {name!r} has an absolute path or '..'")
+            raise InvalidRequest(f"archive entry {shown} has an absolute path or '..'")
         parts = [p for p in path.parts if p not in ("", ".")]
         if len(parts) != 2:
-            raise InvalidRequest(f"archive entry {name!r} is not <class>/<image> (ImageFolder layout)")
-        return parts[0]
+            raise InvalidRequest(f"archive entry {shown} is not <class>/<image> (ImageFolder layout)")
+        return clean_text(parts[0], f"the class folder of archive entry {shown}", self.max_class_chars)
 
     def get(self, dataset_id: str) -> Dataset:
         if not _ID.fullmatch(dataset_id):
-            raise InvalidRequest(f"dataset id {dataset_id!r} is not 'ds-' followed by 20 hex digits")
+            raise InvalidRequest(f"dataset id {dataset_id[:64]!r} is not 'ds-' followed by 20 hex digits (from POST "
+                                 "/datasets); a world task is named 'world:<task>'")
         manifest = self.root / dataset_id / "manifest.json"
         if not manifest.is_file():
             raise NotFound(f"unknown dataset {dataset_id}")

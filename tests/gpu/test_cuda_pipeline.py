@@ -17,10 +17,10 @@ from PIL import Image
 from residual import extract, load_backbone, zero_shot_logits
 from residual.classifier import class_embeddings
 from residual.tiny import tasks
+from service.engine.pipeline import ImagePipeline
+from service.engine.pools import Pool
 from service.errors import UnsupportedMedia
 from service.images import decode_image
-from service.pipeline import ImagePipeline
-from service.pools import Pool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the lent GPU machine)")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
+from service.api.app import create_app
 from tests.processes import worker_process
 from tests.redis_server import RedisServer, start_private
 from tests.service.conftest import make_settings, wait_ready
@@ -37,8 +37,8 @@ def run_worker_burst(redis_url: str, artifacts: Path) -> None:
     """A worker that takes every queued job and exits."""
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
                HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT="0")
-    subprocess.run([sys.executable, "-m", "service.worker", "--burst", "--log-level", "warning"], cwd=ROOT, env=env,
-                   check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "service.jobs.worker", "--burst", "--log-level", "warning"], cwd=ROOT,
+                   env=env, check=True, timeout=600)
 
 
 def _wait(api: TestClient, job_id: str, done: bool = True, phase: str | None = None) -> dict:

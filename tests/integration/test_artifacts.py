@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from residual.io import atomic_write
-from service.artifacts import ArtifactStore
+from service.stores.artifacts import ArtifactStore
 
 ROUNDS = 150
 SIZE = 256 * 1024

@@ -47,9 +47,15 @@ def test_service_smoke(tmp_path: Path) -> None:
 
 def test_backbone_smoke(tmp_path: Path) -> None:
     result = _run("bench/backbone.py", "--smoke", tmp=tmp_path)
+    assert [(r["model"], r["batch"]) for r in result["rows"]] == [("residual-tiny", 1), ("residual-tiny", 8)]
     for row in result["rows"]:
-        assert set(row["images_per_s"]) == {"plain", "capture", "fused_full", "fused_fine", "naive_full"}
-        assert all(v > 0 for v in row["images_per_s"].values())
+        ips = row["images_per_s"]
+        assert set(ips) == {"plain", "capture", "fused_full", "fused_fine", "naive_full"}
+        assert all(0 < v < 1e6 for v in ips.values())
+        assert row["fused_full_vs_plain"] == ips["fused_full"] / ips["plain"]
+        # what is timed is also right: capture gives the plain logits, fused full the unfused formula's
+        assert row["max_relative_difference"]["capture_vs_plain"] < 1e-4
+        assert row["max_relative_difference"]["fused_full_vs_naive"] < 1e-3
 
 
 def test_heads_smoke(tmp_path: Path) -> None:
@@ -62,7 +68,10 @@ def test_heads_smoke(tmp_path: Path) -> None:
 def test_multi_adapter_smoke(tmp_path: Path) -> None:
     result = _run("bench/multi_adapter.py", "--smoke", tmp=tmp_path)
     assert [r["k"] for r in result["rows"]] == [1, 4]
-    assert all(r["images_per_s"]["mixed"] > 0 for r in result["rows"])
+    for row in result["rows"]:
+        assert row["max_abs_difference"] < 1e-4  # one shared batch gives each set's own answers
+        assert row["mixed_vs_separate"] == row["images_per_s"]["mixed"] / row["images_per_s"]["separate"]
+        assert all(0 < v < 1e6 for v in row["images_per_s"].values())
 
 
 def test_text_cache_smoke(tmp_path: Path) -> None:
@@ -83,7 +92,10 @@ def test_text_cache_smoke(tmp_path: Path) -> None:
 
 def test_fit_scaling_smoke(tmp_path: Path) -> None:
     rows = _run("bench/fit_scaling.py", "--smoke", tmp=tmp_path)["rows"]
-    assert [r["images"] for r in rows] == [100, 300] and "growth" in rows[1]
+    assert [r["images"] for r in rows] == [100, 300] and set(rows[1]["growth"]) == {"render", "extract", "fit"}
+    # cached features grow exactly with the images (the same bytes per image), and the fit learned something
+    assert abs(rows[1]["feature_cache_mib"] / rows[0]["feature_cache_mib"] - 3.0) < 1e-6
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in rows)
 
 
 def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
@@ -110,6 +122,31 @@ def test_soak_smoke(tmp_path: Path) -> None:
 
 
 def test_supervised_shape_diagnostic_runs() -> None:
-    proc = subprocess.run([sys.executable, "bench/tiny_supervised_shape.py", "--steps", "2", "--batch-size", "16"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "bench/tiny_supervised_shape.py", "--steps", "2", "--batch-size", "16",
+                           "--every", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [int(f[1]) for f in lines] == [1, 2]
+    assert all(float(f[3]) > 0 and 0.0 <= float(f[5]) <= 1.0 for f in lines)  # loss, accuracy
+
+
+def test_attacks_smoke(tmp_path: Path) -> None:
+    from tests.redis_server import shared_or_private
+
+    server = shared_or_private()
+    try:
+        out = tmp_path / "out.json"
+        proc = subprocess.run([sys.executable, "bench/attacks.py", "--smoke", "--only", "unauthenticated_flood",
+                               "huge_images", "oversized_headers", "--json", str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "RESIDUAL_REDIS_URL": server.url})
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["attack"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["none (baseline)", "unauthenticated_flood", "huge_images", "oversized_headers"]
+    for row in rows.values():
+        assert set(row["statuses"]) == {200} and row["requests"] > 0  # the normal client was always answered
+        assert row["vs_baseline_p50"] == round(row["p50_ms"] / rows["none (baseline)"]["p50_ms"], 2)
+    assert set(rows["unauthenticated_flood"]["attack_outcomes"]) == {"401"}
+    assert set(rows["huge_images"]["attack_outcomes"]) == {"413"}
+    assert set(rows["oversized_headers"]["attack_outcomes"]) == {"431"}

@@ -6,6 +6,7 @@ import asyncio
 import io
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 from residual_client import APIError, AsyncClient, Client, JobFailed
 
+from residual import DEFAULT_TEMPLATES
 from residual.tiny import tasks
 from tests.processes import api_server, worker_process
 from tests.redis_server import start_private
@@ -144,15 +146,41 @@ def test_fit_wait_activate_and_roll_back(service: str) -> None:
         assert info.value.info["status"] == "cancelled"
 
 
+def _archive() -> bytes:
+    images, labels, _ = tasks.task_images("colour", "train", n=42)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i, (a, lab) in enumerate(zip(images, labels, strict=True)):
+            png = io.BytesIO()
+            Image.fromarray(a).save(png, "PNG")
+            info = tarfile.TarInfo(f"{TASK.classes[lab]}/{i}.png")
+            info.size = len(png.getvalue())
+            tf.addfile(info, io.BytesIO(png.getvalue()))
+    return buf.getvalue()
+
+
 def test_async_client(service: str) -> None:
-    async def run() -> tuple[int, int]:
+    """The async client does what the blocking one does, upload and fit included: a fit on an uploaded dataset
+    without a label set takes the dataset's class folders and the default templates (issue 23.6)."""
+
+    async def run() -> tuple[int, int, dict]:
         async with AsyncClient(service, api_key=ADMIN) as rs:
             image = tasks.task_images("colour", "test", n=1)[0][0]
             out = await rs.classify([image], classes=list(TASK.classes))
             texts = await rs.embeddings("a green star")  # one string: one vector
-            return len(out.results), len(texts[0])
+            dataset = await rs.upload_dataset(_archive())
+            job = await rs.fit("from-folders", dataset=dataset["dataset_id"], variant="coarse",
+                               hyperparameters={"epochs": 1})
+            done = await job.wait(timeout=300, poll_s=0.2)
+            versions = await rs.coefficient_versions("from-folders")
+            return len(out.results), len(texts[0]), {"dataset": dataset, "done": done, "versions": versions}
 
-    assert asyncio.run(run()) == (1, 128)
+    n, dim, fitted = asyncio.run(run())
+    assert (n, dim) == (1, 128)
+    version = fitted["done"]["coefficients"].split("@")[1]
+    label_set = {v["version"]: v for v in fitted["versions"]["versions"]}[version]["label_set"]
+    assert label_set == {"classes": sorted(fitted["dataset"]["classes"]), "templates": list(DEFAULT_TEMPLATES)}
+    assert sorted(label_set["classes"]) == sorted(TASK.classes)
 
 
 def test_retries_on_429_honour_retry_after(service: str) -> None:

@@ -20,8 +20,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from residual.tiny import tasks
-from service.main import create_app
-from service.worker import QUEUE_NAME
+from service.api.app import create_app
+from service.jobs.queue import QUEUE_NAME
 from tests.processes import api_process, worker_process
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
@@ -48,7 +48,7 @@ METRICS_PORT = free_port()
 def start_worker(redis_url: str, artifacts: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
                HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT=str(METRICS_PORT))
-    return subprocess.Popen([sys.executable, "-m", "service.worker", "--log-level", "warning"], cwd=ROOT, env=env)
+    return subprocess.Popen([sys.executable, "-m", "service.jobs.worker", "--log-level", "warning"], cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_world_fit_then_classify_beats_zero_shot(api: TestClient) -> None:
     assert listing["active"] == done["coefficients"].split("@")[1]
     assert api.get("/fit-alignment").json()["total"] >= 1
     scraped = api.get("/metrics").text
-    assert 'residual_fit_jobs{status="succeeded"}' in scraped and "residual_fit_queue_length" in scraped
+    assert 'residual_queue_jobs{status="succeeded"}' in scraped and "residual_queue_length" in scraped
     assert _worker_metric('residual_fit_duration_seconds_count{variant="full"}') == fits_before + 1  # this fit
     assert _worker_metric('residual_feature_cache_lookups_total{result="miss"}') >= 1
 
@@ -196,7 +196,7 @@ def test_archive_upload_and_fit(api: TestClient) -> None:
 
 
 def test_fit_on_train_basis_is_served(api: TestClient, artifacts: Path) -> None:
-    assert api.app.state.runtime.store.any_basis() is not None  # the replica has scanned its bases already
+    assert api.app.state.runtime.ready.coefficients.any_basis() is not None  # the replica has scanned its bases already
     r = api.post("/fit-alignment", json={"name": "own-basis", "dataset": "world:texture", "variant": "fine",
                                          "basis": "fit-on-train", "world_sizes": {"train": 300, "val": 100, "test": 50},
                                          "hyperparameters": {"epochs": 2}})
@@ -307,7 +307,7 @@ def test_pickled_job_payload_is_refused(api: TestClient, redis_jobs: RedisServer
     conn = redis.Redis.from_url(redis_jobs.url)
     queue = Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)
     sentinel = tmp_path / "pwned"
-    job = queue.enqueue("service.worker.run_fit", {"planted": True}, job_timeout=60)
+    job = queue.enqueue("service.jobs.fit.run", {"planted": True}, job_timeout=60)
     conn.hset(job.key, "data", zlib.compress(pickle.dumps((_Planted(sentinel), None, (), {}))))
     done = wait_status(api, job.id, {"failed", "succeeded", "cancelled"}, timeout=60)
     assert done["status"] == "failed"

@@ -1,18 +1,26 @@
-"""Bounded shutdown: SIGTERM while a reference basis is being built for a checkpoint without one.
+"""Bounded shutdown: SIGTERM while a reference basis is being built for a checkpoint without one, on a CPU that
+other processes saturate.
 
 Before: the API had not exited 20 s after SIGTERM (the basis build ran to its end on a non-daemon thread, and
-uvicorn waited for the request). Now: no new work is admitted, in-flight work gets ``shutdown_timeout_s``, what is
-left answers 503, and the process exits.
+uvicorn waited for the request); later, under load, uvicorn's own graceful deadline cancelled the request before
+the service's drain deadline answered it (a 500). Now: no new work is admitted, in-flight work gets
+``shutdown_timeout_s``, then every request still waiting is answered 503 at once (the running chunk is not waited
+for), and the process exits. Twenty times in a row, each a fresh process, with every core busy.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from residual.tiny import tasks
 from tests.processes import api_server, variant_checkpoint
@@ -20,7 +28,8 @@ from tests.redis_server import start_private
 from tests.service.conftest import png_b64
 from tests.waiting import wait_for
 
-GRACE_S = 3
+GRACE_S = 2
+ROUNDS = int(os.environ.get("RESIDUAL_SHUTDOWN_ROUNDS", "20"))
 
 
 def _metric(client: httpx.Client, name: str) -> float:
@@ -30,20 +39,38 @@ def _metric(client: httpx.Client, name: str) -> float:
     return 0.0
 
 
-def test_sigterm_during_a_basis_build_fails_it_and_exits_in_time(tmp_path: Path) -> None:
-    redis_server = start_private()
+@pytest.fixture(scope="module")
+def burners() -> Iterator[None]:
+    """One busy process per core for the whole test: the drain must not depend on an idle machine."""
+    cores = len(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
-        _run(redis_server.url, tmp_path)
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def test_sigterm_during_a_basis_build_answers_503_and_exits_in_time(tmp_path: Path, burners: None) -> None:
+    redis_server = start_private()
+    weights = variant_checkpoint(tmp_path / "variant.safetensors")
+    outcomes = []
+    try:
+        for round_ in range(ROUNDS):
+            outcomes.append(_round(redis_server.url, tmp_path / f"artifacts-{round_}", weights))
     finally:
         redis_server.stop()
+    assert all(o["status"] == 503 for o in outcomes), outcomes
+    assert all(o["type"] in ("backend_unavailable", "shutting_down") for o in outcomes), outcomes
+    assert max(o["exited_s"] for o in outcomes) < GRACE_S + 10, outcomes
 
 
-def _run(redis_url: str, tmp_path: Path) -> None:
-    weights = variant_checkpoint(tmp_path / "variant.safetensors")
+def _round(redis_url: str, artifacts: Path, weights: Path) -> dict[str, object]:
     labels = {"classes": list(tasks.TASKS["colour"].classes)}
     image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
-    with api_server(redis_url, tmp_path / "artifacts", model_weights=str(weights),
-                    shutdown_timeout_s=str(GRACE_S), reference_basis="world") as (client, proc):
+    with api_server(redis_url, artifacts, model_weights=str(weights), shutdown_timeout_s=str(GRACE_S),
+                    reference_basis="world") as (client, proc):
         assert client.post("/classify", json={"images": [image], "label_set": labels}).status_code == 200
         answers: dict[str, httpx.Response | Exception] = {}
 
@@ -55,16 +82,15 @@ def _run(redis_url: str, tmp_path: Path) -> None:
 
         thread = threading.Thread(target=heads)
         thread.start()
-        wait_for(lambda: _metric(client, "residual_reference_basis_images_total") > 0, 60,
+        wait_for(lambda: _metric(client, "residual_reference_basis_images_total") > 0, 120,
                  "the reference basis build to start")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=GRACE_S + 30)
+        proc.wait(timeout=GRACE_S + 60)
         exited = time.monotonic() - sent
         thread.join(timeout=30)
     assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
-    assert exited < GRACE_S + 10, f"exited {exited:.1f}s after SIGTERM"
     answer = answers["heads"]
     assert isinstance(answer, httpx.Response), answer  # an answer, not a cut connection
-    assert answer.status_code == 503, answer.text
-    assert answer.json()["error"]["type"] in ("backend_unavailable", "shutting_down")
+    return {"status": answer.status_code, "type": answer.json().get("error", {}).get("type"),
+            "exited_s": round(exited, 2)}

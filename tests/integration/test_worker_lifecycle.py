@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.main import create_app
+from service.api.app import create_app
 from tests.integration.test_jobs import start_worker, wait_status
 from tests.redis_server import RedisServer, start_private
 from tests.service.conftest import make_settings, wait_ready

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.main import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from tests.redis_server import RedisServer, shared_or_private
 from tests.waiting import wait_for

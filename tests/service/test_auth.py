@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from service.main import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from tests.service.conftest import make_settings, wait_ready
 
@@ -31,7 +31,8 @@ ADMIN_SCOPE = {
     ("GET", "/fit-alignment/{job_id}"), ("DELETE", "/fit-alignment/{job_id}"), ("POST", "/datasets"),
     ("GET", "/datasets/{dataset_id}"), ("POST", "/coefficients/{name}/activate"), ("POST", "/heads/alignment"),
     ("POST", "/heads/alignment.png"), ("GET", "/heads/alignment/{job_id}"), ("GET", "/heads/alignment/{job_id}.png"),
-    ("POST", "/bases"), ("GET", "/bases/jobs/{job_id}"), ("DELETE", "/bases/jobs/{job_id}")}
+    ("POST", "/bases"), ("GET", "/bases/jobs/{job_id}"), ("DELETE", "/bases/jobs/{job_id}"),
+    ("DELETE", "/heads/alignment/{job_id}")}
 _PARAMS = {"label_set_id": "ls-" + "0" * 20, "name": "nope", "job_id": "0", "dataset_id": "ds-" + "0" * 20,
            "layer": "0", "head": "0", "basis": "b-" + "0" * 16}
 
@@ -95,6 +96,52 @@ def test_the_classification_key_can_neither_enqueue_nor_store(secured: TestClien
     assert secured.post("/label-sets", json={"classes": ["a", "b"]}, headers=admin).status_code == 201
 
 
+def test_a_wrong_scheme_or_an_empty_key_is_named(secured: TestClient) -> None:
+    r = secured.get("/coefficients", headers={"Authorization": f"Basic {API}"})
+    assert r.status_code == 401
+    assert r.json()["error"]["message"] == ("the Authorization header must use the Bearer scheme "
+                                            "('Authorization: Bearer <key>'), not 'Basic'")
+    r = secured.get("/coefficients", headers={"Authorization": "Bearer   "})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "the Authorization header has no key after 'Bearer'"
+    r = secured.get("/coefficients")
+    assert r.json()["error"]["message"] == "missing 'Authorization: Bearer <key>' header"
+
+
+@pytest.mark.parametrize(("method", "path"), [op for op in sorted(ADMIN_SCOPE | API_SCOPE) if op[0] == "POST"])
+def test_a_refused_request_is_answered_before_its_body_is_read(secured: TestClient, method: str, path: str) -> None:
+    """A body that would be refused for its content (415/422) if it were read: the 401 comes first (on a real
+    server the connection then closes: tests/integration/test_hostile_clients.py)."""
+    r = secured.request(method, _url(path), content=b"\x00not json" * 100, headers={"content-type": "text/plain"})
+    assert r.status_code == 401, r.text
+    r = secured.request(method, _url(path), content=b"{}", headers={"content-type": "application/json",
+                                                                     "Authorization": f"Bearer {API}x"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(op for op in ADMIN_SCOPE | API_SCOPE if op[0] == "POST"))
+def test_the_middleware_refuses_without_reading_the_body(method: str, path: str) -> None:
+    """At the ASGI level, before any route runs: a request without a valid key is answered 401 without one call to
+    receive() (the body is never read), and with `connection: close` since it announced a body."""
+    import asyncio
+
+    app = create_app(Settings(artifact_dir=Path("/nonexistent"), api_key=API, admin_api_key=ADMIN))
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        raise AssertionError("the body was read")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": _url(path), "raw_path": _url(path).encode(),
+             "query_string": b"", "root_path": "", "scheme": "http", "server": ("t", 80), "client": ("c", 1),
+             "http_version": "1.1", "asgi": {"version": "3.0"},
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"16777216")]}
+    asyncio.run(app.build_middleware_stack()(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 401 and (b"connection", b"close") in start["headers"]
+
+
 def test_health_is_open_and_reports_auth(secured: TestClient) -> None:
     assert secured.get("/livez").status_code == 200
     assert secured.get("/readyz").json()["auth"] == "enabled"
@@ -119,7 +166,7 @@ def test_placeholder_or_short_keys_are_refused(key: str) -> None:
 def test_the_server_refuses_to_start_with_a_placeholder_key(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "RESIDUAL_ADMIN_API_KEY": "change-me-admin",
            "RESIDUAL_ARTIFACT_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "service.main", "--port", "1"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "service.api.server", "--port", "1"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "admin_api_key" in done.stderr and "at least 16 characters" in done.stderr

@@ -24,10 +24,10 @@ from residual.cli import main as cli_main
 from residual.heads import unit_spectra
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
-from service.artifacts import ArtifactStore
-from service.bases import BasisStore, basis_id
+from service.api.app import create_app
 from service.errors import Conflict, NotFound
-from service.main import create_app
+from service.stores.artifacts import ArtifactStore
+from service.stores.bases import BasisStore, basis_id
 from tests.processes import variant_checkpoint
 from tests.redis_server import RedisServer
 from tests.service.conftest import make_settings, wait_ready

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -13,11 +14,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from residual import apply_fused, class_embeddings, extract, init_coefficients, zero_shot_logits
+from residual import DEFAULT_TEMPLATES, apply_fused, class_embeddings, extract, init_coefficients, zero_shot_logits
 from residual.basis import Basis
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
-from service.main import create_app
+from service.api.app import create_app
 from tests.redis_server import start_private
 from tests.service.conftest import make_settings, metric, png_b64, wait_ready
 
@@ -31,13 +32,13 @@ def _images(n: int = 4, task: str = "colour") -> tuple[np.ndarray, np.ndarray]:
 
 def _library_probs(client: TestClient, images: np.ndarray, classes: list[str], templates: list[str],
                    coefficients: str | None = None) -> torch.Tensor:
-    store = client.app.state.runtime.store
-    bb = store.backbone
+    ready = client.app.state.runtime.ready
+    bb = ready.model.backbone
     pixels = torch.stack([bb.preprocess(Image.open(io.BytesIO(base64.b64decode(png_b64(a))))) for a in images])
     raw, emb = extract(bb, pixels)
     if coefficients is not None:
-        loaded = store.resolve_coefficients(coefficients)
-        emb = apply_fused(raw, loaded.fused, store.ln)
+        loaded = ready.coefficients.resolve(coefficients)
+        emb = apply_fused(raw, loaded.fused, ready.model.ln)
     cls = class_embeddings(bb.encode_text, bb.tokenizer, classes, templates)
     return zero_shot_logits(emb, cls, bb.logit_scale).softmax(-1)
 
@@ -82,7 +83,12 @@ def test_multipart_upload_matches_json(client: TestClient) -> None:
         torch.testing.assert_close(_scores(a, classes), _scores(b, classes), atol=1e-6, rtol=0)
     r = client.post("/classify", files=files, data={"label_set": "{not json"})
     assert r.status_code == 422
-    assert "not JSON" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"].startswith("the label_set form field must be JSON")
+    r = client.post("/classify", files=files, data={"labels": "a,b"})
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == ("unexpected form field 'labels'; the fields are images, label_set, "
+                                            "label_set_id, coefficients, top_k, scores, explain (images as file "
+                                            "parts)")
 
 
 def _publish(artifacts: Path, name: str, version: str, seed: int, variant: str = "full") -> None:
@@ -297,7 +303,7 @@ def test_queue_full_answers_429_with_retry_after(artifacts: Path, redis_server) 
         img = png_b64(_images(1)[0][0])
         r = c.post("/classify", json={"images": [img] * 3, "label_set": {"classes": ["a"]}})
         assert r.status_code == 413 and "exceed the backbone queue" in r.json()["error"]["message"]
-        batcher = c.app.state.runtime.batcher
+        batcher = c.app.state.runtime.ready.batcher
 
         async def two_at_once() -> list[object]:  # the second finds the first's 2 images queued
             px = torch.zeros(2, 3, 48, 48)
@@ -327,7 +333,7 @@ def test_not_ready_answers_503(artifacts: Path, redis_server) -> None:
 
 
 def test_backbone_failure_fails_only_that_batch(client: TestClient) -> None:
-    batcher = client.app.state.runtime.batcher
+    batcher = client.app.state.runtime.ready.batcher
     real = batcher.forward
     calls = {"n": 0}
 
@@ -373,10 +379,41 @@ def test_redis_outage_keeps_classify_answering(artifacts: Path) -> None:
 
 
 def test_openapi_documents_every_route(client: TestClient) -> None:
+    """Every route of every router is in the schema with its methods and a summary; every JSON body has a schema
+    with examples; every error answer documents the one error body; 405 documents Allow."""
+    from service.api.routes import (
+        bases,
+        classify,
+        coefficients,
+        datasets,
+        embeddings,
+        fits,
+        heads,
+        health,
+        label_sets,
+    )
+
     spec = client.get("/openapi.json").json()
-    for path in ("/classify", "/label-sets", "/label-sets/{label_set_id}", "/readyz", "/livez", "/metrics"):
-        assert path in spec["paths"]
-    assert "examples" in spec["components"]["schemas"]["ClassifyRequest"]
+    routes = [r for m in (bases, classify, coefficients, datasets, embeddings, fits, heads, health, label_sets)
+              for r in m.router.routes]
+    assert len(routes) >= 30
+    schemas = spec["components"]["schemas"]
+    for route in routes:
+        for method in route.methods:
+            op = spec["paths"][route.path_format][method.lower()]
+            assert op.get("summary"), (method, route.path)
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None:
+                name = body["schema"]["$ref"].rsplit("/", 1)[-1]
+                assert schemas[name].get("examples") or name in ("Activate", "LabelSet"), name
+            for code, answer in op["responses"].items():
+                if code[0] in "45":
+                    assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody"), (
+                        method, route.path, code)
+            assert "Allow" in op["responses"]["405"]["headers"]
+            if route.path_format not in ("/livez", "/readyz", "/metrics"):
+                assert {"401", "503"} <= set(op["responses"]), (method, route.path)
+    assert "HTTPValidationError" not in schemas
 
 
 @pytest.mark.parametrize("variant", [None, "full", "fine", "linear"])
@@ -390,11 +427,11 @@ def test_explain_gives_exact_unit_contributions(client: TestClient, artifacts: P
         _publish(artifacts, f"explain-{variant}", "v1", seed=5, variant=variant)
         body["coefficients"] = f"explain-{variant}@v1"
     rt = client.app.state.runtime
-    g = rt.store.backbone.geometry
+    g = rt.ready.model.backbone.geometry
     n_units = g.n_units
     full = client.post("/classify", json={**body, "explain": n_units}).json()
     plain = client.post("/classify", json=body).json()
-    scale = float(rt.store.backbone.logit_scale.exp())
+    scale = float(rt.ready.model.backbone.logit_scale.exp())
     names = {"emb"} | {f"L{l}.MLP" for l in range(g.layers)} | {f"L{l}.H{h}" for l in range(g.layers)
                                                                 for h in range(g.heads)}
     for res, ref in zip(full["results"], plain["results"], strict=True):
@@ -423,8 +460,7 @@ def test_cosine_scores_are_the_raw_cosine(client: TestClient) -> None:
             "label_set": {"classes": classes, "templates": templates}}
     soft = client.post("/classify", json=body).json()
     cos = client.post("/classify", json={**body, "scores": "cosine", "explain": 1}).json()
-    store = client.app.state.runtime.store
-    scale = float(store.backbone.logit_scale.exp())
+    scale = float(client.app.state.runtime.ready.model.backbone.logit_scale.exp())
     for s_res, c_res in zip(soft["results"], cos["results"], strict=True):
         assert abs(sum(p["score"] for p in s_res["top"]) - 1) < 1e-4
         assert abs(sum(p["score"] for p in c_res["top"]) - 1) > 1e-2  # independent per label
@@ -436,3 +472,27 @@ def test_cosine_scores_are_the_raw_cosine(client: TestClient) -> None:
     assert r.status_code == 200 and len(r.json()["results"][0]["top"][0]["contributions"]) == 2
     assert client.post("/classify", json={**body, "scores": "logits"}).status_code == 422
     assert client.post("/classify", json={**body, "explain": 0}).status_code == 422
+
+
+def test_the_cli_and_the_service_give_the_same_scores(client: TestClient, tmp_path: Path) -> None:
+    """`residual classify` and POST /classify: same images, classes and (default) templates, same scores (1e-5)."""
+    from residual.cli import main
+
+    images, _ = _images(4)
+    classes = list(TASK.classes)
+    paths = []
+    for i, a in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    r = client.post("/classify", files=files, data={"label_set": json.dumps({"classes": classes}),
+                                                    "top_k": str(len(classes))})
+    assert r.status_code == 200, r.text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["classify", "--device", "cpu", *map(str, paths), "--classes", ",".join(classes), "--json",
+                     "--top-k", str(len(classes))]) == 0
+    cli = json.loads(out.getvalue())
+    assert cli["label_set"]["templates"] == list(DEFAULT_TEMPLATES)
+    for served, local in zip(r.json()["results"], cli["results"], strict=True):
+        torch.testing.assert_close(_scores(served, classes), _scores(local, classes), atol=1e-5, rtol=0)

@@ -76,10 +76,10 @@ def test_a_coefficient_set_adapts_image_embeddings(client: TestClient, artifacts
     assert r.json()["model"] == "residual-tiny:emb-set@v1"
     adapted = torch.from_numpy(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
                                          for d in r.json()["data"]]).copy())
-    store = client.app.state.runtime.store
-    bb = store.backbone
+    model = client.app.state.runtime.ready.model
+    bb = model.backbone
     pixels = bb.pixels_from_arrays(images)
-    expected = F.normalize(resolve(cs, basis).apply(decompose(bb, pixels, store.ln).units), dim=-1)  # unfused
+    expected = F.normalize(resolve(cs, basis).apply(decompose(bb, pixels, model.ln).units), dim=-1)  # unfused
     assert float(_cos(adapted, expected).min()) >= 0.9999
     plain = client.post("/v1/embeddings", json={**body, "model": "residual-tiny", "encoding_format": "float"}).json()
     plain_t = torch.tensor([d["embedding"] for d in plain["data"]])
@@ -122,5 +122,5 @@ def test_the_official_openai_client_works(client: TestClient) -> None:
     Image.fromarray(tasks.task_images("colour", "test", n=1)[0][0]).save(buf, "PNG")
     img = oai.embeddings.create(model="residual-tiny", input=[base64.b64encode(buf.getvalue()).decode()],
                                 extra_body={"modality": "image"})
-    assert len(img.data[0].embedding) == client.app.state.runtime.store.backbone.geometry.out_dim
+    assert len(img.data[0].embedding) == client.app.state.runtime.ready.model.backbone.geometry.out_dim
     assert [m.id for m in oai.models.list()][0] == "residual-tiny"

@@ -10,10 +10,9 @@ from residual.dictionary import load_dictionary
 from residual.heads import head_alignment
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
-from service.bases import basis_id
+from service.stores.bases import basis_id
+from tests.pictures import assert_picture
 from tests.service.conftest import png_b64
-
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_heads_table_matches_the_shipped_basis(client: TestClient) -> None:
@@ -54,23 +53,36 @@ def test_one_head_has_its_spectrum_and_descriptions(client: TestClient) -> None:
 
 
 def test_head_errors_are_4xx_with_a_message(client: TestClient) -> None:
-    for path, status in (("/heads/6/0", 404), ("/heads/0/4", 404), ("/heads/-1/0", 404), ("/heads/x/0", 422),
-                         ("/heads/0/0?method=magic", 422), ("/heads/spectrum.png?value=nope", 422),
-                         ("/heads/alignment/not-a-job", 404)):
+    cases = (("/heads/6/0", 404, "no head (6, 0); the model has 6 layers x 4 heads"),
+             ("/heads/0/4", 404, "no head (0, 4); the model has 6 layers x 4 heads"),
+             ("/heads/6/0/spectrum.png", 404, "no head (6, 0); the model has 6 layers x 4 heads"),
+             ("/heads/-1/0", 422, "path.layer: Input should be greater than or equal to 0"),
+             ("/heads/x/0", 422, "path.layer: Input should be a valid integer, unable to parse string as an integer"),
+             ("/heads/0/0?method=magic", 422, "query.method: Input should be 'somp' or 'textspan'"),
+             ("/heads/spectrum.png?value=nope", 422, "query.value: Input should be 'k_90', 'k_99', "
+                                                     "'participation_ratio', 'twonn' or 'evr_1'"),
+             ("/heads/alignment/not-a-job", 404, "unknown job not-a-job"),
+             ("/heads/alignment/%C3%BFZ", 422, "path.job_id: String should match pattern '^[A-Za-z0-9-]{1,64}$'"))
+    for path, status, message in cases:
         r = client.get(path)
         assert r.status_code == status, (path, r.status_code, r.text)
-        assert r.json()["error"]["message"]
+        assert r.json()["error"]["message"] == message, path
 
 
 def test_pictures(client: TestClient) -> None:
+    """Every picture decodes and draws something (many colours), and a picture depends on what it shows."""
+    pictures = {}
     for path in ("/heads/spectrum.png", "/heads/spectrum.png?value=participation_ratio", "/heads/3/1/spectrum.png"):
         r = client.get(path)
-        assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:8] == PNG, path
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", path
+        pictures[path] = assert_picture(r.content)
+    assert pictures["/heads/spectrum.png"].tobytes() != pictures[
+        "/heads/spectrum.png?value=participation_ratio"].tobytes()  # another value, another picture
     body = {"dataset": "world:colour", "world_sizes": {"score": 60, "eval": 60}}
     for picture in ("heatmap", "ablation"):
         r = client.post(f"/heads/alignment.png?picture={picture}", json=body)
         assert r.status_code == 200, r.text
-        assert r.content[:8] == PNG
+        assert_picture(r.content)
 
 
 def test_world_alignment_equals_the_library(client: TestClient) -> None:
@@ -107,18 +119,28 @@ def test_inline_alignment_and_validation(client: TestClient) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["dataset"] == "inline" and body["n_score"] + body["n_eval"] == 40
+    tasks_list = ", ".join(f"world:{t}" for t in sorted(tasks.TASKS))
     bad = [
-        ({"dataset": "world:nope"}, 422),
-        ({"dataset": "world:colour", "label_set": {"classes": ["a", "b"]}}, 422),
-        ({"dataset": "world:colour", "fractions": [0.0]}, 422),
-        ({"dataset": "world:colour", "label_set_id": "../../etc/passwd"}, 422),
-        ({"dataset": "ds-00000000000000000000", "label_set": {"classes": ["a", "b"]}}, 404),
-        ({"dataset": "../x", "label_set": {"classes": ["a", "b"]}}, 422),
-        ({"label_set": {"classes": classes}, "dataset": {**inline, "labels": inline["labels"][:-1]}}, 422),
-        ({"label_set": {"classes": ["only"]}, "dataset": {"images": inline["images"][:1], "labels": ["only"]}}, 422),
-        ({"label_set": {"classes": classes}, "dataset": {"images": ["!!"], "labels": [classes[0]]}}, 422),
+        ({"dataset": "world:nope"}, 422, f"unknown world task 'nope'; choose from {tasks_list}"),
+        ({"dataset": "world:colour", "label_set": {"classes": ["a", "b"]}}, 422,
+         f"world task 'colour' has {len(tasks.TASKS['colour'].classes)} classes; the label set has 2"),
+        ({"dataset": "world:colour", "fractions": [0.0]}, 422, "fractions: Value error, every fraction must be in "
+                                                               "(0, 1]"),
+        ({"dataset": "world:colour", "label_set_id": "../../etc/passwd"}, 422,
+         "label_set_id '../../etc/passwd' is not a label-set id (ls- followed by 20 hex digits)"),
+        ({"dataset": "ds-00000000000000000000", "label_set": {"classes": ["a", "b"]}}, 404,
+         "unknown dataset ds-00000000000000000000"),
+        ({"dataset": "../x", "label_set": {"classes": ["a", "b"]}}, 422,
+         f"dataset '../x' is neither a dataset id ('ds-' and 20 hex digits, from POST /datasets) nor a world task "
+         f"({tasks_list})"),
+        ({"label_set": {"classes": classes}, "dataset": {**inline, "labels": inline["labels"][:-1]}}, 422,
+         "40 images but 39 labels"),
+        ({"label_set": {"classes": ["only"]}, "dataset": {"images": inline["images"][:2], "labels": ["only"] * 2}},
+         422, "head alignment needs at least two classes"),
+        ({"label_set": {"classes": classes}, "dataset": {"images": ["!!", "!!"], "labels": classes[:2]}}, 422,
+         "dataset.images[0] is not valid base64 or a base64 data URI"),
     ]
-    for payload, status in bad:
+    for payload, status, message in bad:
         r = client.post("/heads/alignment", json=payload)
         assert r.status_code == status, (payload, r.status_code, r.text)
-        assert r.json()["error"]["message"]
+        assert r.json()["error"]["message"] == message, payload

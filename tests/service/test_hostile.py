@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from residual import Basis, init_coefficients
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
-from service.main import create_app
+from service.api.app import create_app
 from tests.redis_server import free_port, start_private
 from tests.service.conftest import make_settings, png_b64, wait_ready
 
@@ -225,12 +225,12 @@ def test_secrets_never_reach_logs_bodies_or_repr(artifacts: Path, caplog: pytest
                          headers={"Authorization": f"Bearer {SECRETS[0]}"}).text,
                   c.post("/fit-alignment", json={"name": "x", "dataset": "world:colour"},
                          headers={"Authorization": f"Bearer {SECRETS[1]}"}).text]
-        store = c.app.state.runtime.store
+        label_sets = c.app.state.runtime.ready.label_sets
 
         def explode(ident: str) -> tuple[list[str], list[str]]:
             raise RuntimeError(f"boom at /srv/secret/path with {torch.ones(2)} and {SECRETS[2]}")
 
-        monkeypatch.setattr(store, "get_label_set", explode)
+        monkeypatch.setattr(label_sets, "get", explode)
         r = c.get("/label-sets/ls-" + "0" * 20, headers={"Authorization": f"Bearer {SECRETS[0]}"})
         assert r.status_code == 500
         assert r.json() == {"error": {"type": "internal", "message": "internal server error"}}

@@ -13,7 +13,7 @@ import fastapi_offline
 from fastapi.testclient import TestClient
 
 from residual.tiny import tasks
-from service.routes.playground import STATIC_DIR
+from service.api.routes.playground import STATIC_DIR
 
 _REMOTE = re.compile(r"""(?:src|href)=["']?(?:https?:)?//""", re.I)
 

@@ -16,10 +16,10 @@ from PIL import Image
 from residual import Backbone, load_backbone, zero_shot_logits
 from residual.classifier import class_embeddings
 from residual.tiny import tasks
+from service.engine.pipeline import ImagePipeline, _split
+from service.engine.pools import Pool
 from service.errors import UnsupportedMedia
 from service.images import decode_image
-from service.pipeline import ImagePipeline, _split
-from service.pools import Pool
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_the_api_serves_with_either_pipeline_and_a_bad_image_fails_only_its_requ
 
     from fastapi.testclient import TestClient
 
-    from service.main import create_app
+    from service.api.app import create_app
     from tests.service.conftest import make_settings, wait_ready
 
     world = tasks.task_images("colour", "test", n=6)[0]
@@ -160,7 +160,7 @@ def test_the_api_serves_with_either_pipeline_and_a_bad_image_fails_only_its_requ
     for kind in ("pil", "tensor"):
         with TestClient(create_app(make_settings(artifacts, redis_server.url, image_pipeline=kind))) as c:
             wait_ready(c)
-            assert c.app.state.runtime.images.kind == kind
+            assert c.app.state.runtime.ready.images.kind == kind
             r = c.post("/classify", files=files, data={"label_set": labels, "top_k": "1"})
             assert r.status_code == 200, r.text
             tops[kind] = [res["top"][0]["label"] for res in r.json()["results"]]
@@ -179,6 +179,6 @@ def test_the_api_serves_with_either_pipeline_and_a_bad_image_fails_only_its_requ
 def test_default_batch_size_per_device() -> None:
     from service.settings import Settings
 
-    s = Settings()
+    s = Settings(max_batch_size=None)  # explicit: RESIDUAL_MAX_BATCH_SIZE in the environment must not matter
     assert s.batch_size_for("cpu") == 64 and s.batch_size_for("cuda") == 256
     assert Settings(max_batch_size=32).batch_size_for("cuda") == 32

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,8 +23,9 @@ from fastapi.testclient import TestClient
 from residual import Basis, init_coefficients
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
+from service.api.app import create_app
+from service.engine.text_cache import TEXT_CHUNK
 from service.errors import BackendUnavailable
-from service.main import create_app
 from tests.redis_server import free_port
 from tests.service.conftest import make_settings, metric, png_b64, wait_ready
 from tests.waiting import wait_for
@@ -48,8 +50,7 @@ def _classify_ok(client: TestClient) -> None:
 def test_a_failing_batch_fails_only_its_requests(app_client: TestClient) -> None:
     """Pixels that cannot be concatenated fail inside the batch (torch.cat); before, that killed the loop silently
     and every later request timed out while readiness stayed 200."""
-    rt = app_client.app.state.runtime
-    batcher = rt.batcher
+    batcher = app_client.app.state.runtime.ready.batcher
     errors_before = metric(app_client, "residual_backbone_errors_total")
 
     async def one_bad_batch() -> list[object]:
@@ -64,12 +65,12 @@ def test_a_failing_batch_fails_only_its_requests(app_client: TestClient) -> None
 
 
 def test_a_dead_batcher_loop_turns_readiness_503_and_restarts(app_client: TestClient) -> None:
-    rt = app_client.app.state.runtime
+    batcher = app_client.app.state.runtime.ready.batcher
     restarts = metric(app_client, "residual_batcher_restarts_total")
 
     async def kill_loop() -> None:
-        assert rt.batcher._task is not None
-        rt.batcher._task.cancel()
+        assert batcher._task is not None
+        batcher._task.cancel()
         await asyncio.sleep(0)
 
     app_client.portal.call(kill_loop)
@@ -85,22 +86,23 @@ def test_a_dead_batcher_loop_turns_readiness_503_and_restarts(app_client: TestCl
 
 
 def test_text_encoding_is_single_flight(app_client: TestClient) -> None:
-    rt = app_client.app.state.runtime
-    store = rt.store
+    ready = app_client.app.state.runtime.ready
+    model = ready.model
     run = uuid.uuid4().hex[:8]  # prompts never seen by this Redis (it may be shared and outlive the test)
     classes = [f"single-flight class {i} {run}" for i in range(40)]
     templates = ["a photo of a {}.", "a drawing of a {}."]
-    encodes = store.text_forwards
+    encodes = model.text_forwards
     shared = metric(app_client, "residual_text_encodes_shared_total")
     barrier = threading.Barrier(8)
 
     def call(_: int) -> torch.Tensor:
         barrier.wait()
-        return rt.text.class_embeddings(f"ls-single-flight-{run}", classes, templates)
+        return ready.text.class_embeddings(f"ls-single-flight-{run}", classes, templates)
 
     with ThreadPoolExecutor(8) as pool:
         out = list(pool.map(call, range(8)))
-    assert store.text_forwards - encodes == 1  # one encoder forward for eight concurrent first requests
+    # one encoding for eight concurrent first requests: 80 prompts in chunks of TEXT_CHUNK (64), two forwards
+    assert model.text_forwards - encodes == math.ceil(len(classes) * len(templates) / TEXT_CHUNK) == 2
     assert metric(app_client, "residual_text_encodes_shared_total") - shared >= 1
     assert all(torch.equal(o, out[0]) for o in out)
 
@@ -122,27 +124,27 @@ def test_coefficient_cache_is_byte_bounded_and_single_flight(tmp_path: Path, red
     refs = _write_sets(tmp_path, 4)
     with TestClient(create_app(make_settings(tmp_path, redis_server.url))) as probe:
         wait_ready(probe)
-        one = probe.app.state.runtime.store.resolve_coefficients(refs[0]).nbytes
+        one = probe.app.state.runtime.ready.coefficients.resolve(refs[0]).nbytes
     limit = int(2.5 * one)  # room for two sets
     with TestClient(create_app(make_settings(tmp_path, redis_server.url, coefficient_cache_bytes=limit))) as c:
         wait_ready(c)
-        store = c.app.state.runtime.store
+        store = c.app.state.runtime.ready.coefficients
         barrier = threading.Barrier(6)
 
         def load(_: int) -> str:
             barrier.wait()
-            return store.resolve_coefficients("lru-0").ref
+            return store.resolve("lru-0").ref
 
         with ThreadPoolExecutor(6) as pool:
             assert set(pool.map(load, range(6))) == {refs[0]}
         assert metric(c, "residual_coefficient_sets_loaded_total") == 1  # six concurrent first requests, one load
         assert metric(c, "residual_coefficient_cache_lookups_total", 'result="miss"') == 1
         for ref in refs[1:]:
-            store.resolve_coefficients(ref)
+            store.resolve(ref)
         assert metric(c, "residual_coefficient_cache_sets") == 2
         assert metric(c, "residual_coefficient_cache_evictions_total") == 2
         assert 0 < metric(c, "residual_coefficient_cache_bytes") <= limit
-        assert refs[0] not in store.coefficients and refs[3] in store.coefficients  # least recently used went
+        assert refs[0] not in store.cache and refs[3] in store.cache  # least recently used went
         good = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
         r = c.post("/classify", json={"images": [good], "coefficients": "lru-0"})  # evicted sets load again
         assert r.status_code == 200 and r.json()["coefficients"] == refs[0]
@@ -197,7 +199,7 @@ def test_stopping_a_pool_with_a_cancelled_queued_call() -> None:
     other queued calls and not raise on that one (it raised InvalidStateError in a test teardown)."""
     from concurrent.futures import CancelledError
 
-    from service.pools import Pool
+    from service.engine.pools import Pool
 
     pool = Pool(1, "stop-test")
     gate = threading.Event()

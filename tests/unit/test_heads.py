@@ -14,6 +14,7 @@ from residual.dictionary import build_dictionary, load_dictionary
 from residual.heads import ablation_curve, describe_component, head_scores, somp, textspan, unit_spectra
 from residual.plots import ablation_png, evr_curves_png, head_heatmap_png
 from residual.tiny.reference import shipped_basis_path
+from tests.pictures import assert_picture
 
 
 def _planted_heads(n: int = 600, r: int = 6, d: int = 16, c: int = 3, informative: int = 2
@@ -125,7 +126,9 @@ def test_pictures_are_png() -> None:
     abl = ablation_png({"fractions": [0.1, 0.5], "supervised": [0.5, 0.9], "random": [0.3, 0.6],
                         "random_std": [0.1, 0.1], "all_units": 0.95}, "ablation", ["supervised"])
     for png in (heat, curves, abl):
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+        assert_picture(png)
+    other = head_heatmap_png(np.arange(24, dtype=float)[::-1].reshape(6, 4), "k at 0.9", "k", marked=[(0, 1)])
+    assert other != heat  # the picture shows its values
 
 
 def _reference_textspan(data: np.ndarray, text: np.ndarray, iters: int, rank: int) -> list[int]:

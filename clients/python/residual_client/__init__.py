@@ -16,6 +16,7 @@ error body). 429 and 503 are retried, honouring ``Retry-After``, within ``max_re
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import httpx
 
@@ -99,12 +100,19 @@ class ClassifyResult:
 # ---- requests, built once for both clients ----------------------------------------------------------------------
 
 
+R = TypeVar("R")
+P = ParamSpec("P")
+
+
 @dataclass
-class _Call:
+class _Call(Generic[R]):
+    """One request and how to read its answer; ``job``: the answer is a job to wrap in Job / AsyncJob."""
+
     method: str
     path: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    parse: Callable[[httpx.Response], Any] = lambda r: r.json()
+    parse: Callable[[httpx.Response], R] = lambda r: r.json()
+    job: bool = False
 
 
 def _image_bytes(image: Any) -> tuple[str, bytes]:
@@ -127,61 +135,178 @@ def _image_bytes(image: Any) -> tuple[str, bytes]:
     raise TypeError(f"images must be bytes, paths, PIL images or numpy arrays, not {type(image).__name__}")
 
 
-def _classify(images: Sequence[Any], classes: Sequence[str] | None, templates: Sequence[str] | None,
-              label_set_id: str | None, coefficients: str | None, top_k: int | None, explain: int | None,
-              scores: str | None) -> _Call:
-    data: dict[str, str] = {}
-    if classes is not None:
-        data["label_set"] = json.dumps({"classes": list(classes),
-                                        **({"templates": list(templates)} if templates is not None else {})})
-    for key, value in (("label_set_id", label_set_id), ("coefficients", coefficients), ("top_k", top_k),
-                       ("explain", explain), ("scores", scores)):
-        if value is not None:
-            data[key] = str(value)
-    files = [("images", (*_image_bytes(im), "application/octet-stream")) for im in images]
-    return _Call("POST", "/classify", {"files": files, "data": data}, lambda r: ClassifyResult.parse(r.json()))
+def _label_set(classes: Sequence[str], templates: Sequence[str] | None) -> dict[str, Any]:
+    return {"classes": list(classes), **({"templates": list(templates)} if templates else {})}
 
 
-def _embeddings(inputs: str | Sequence[Any], model: str | None, modality: str, served: str | None) -> _Call:
-    items = [inputs] if isinstance(inputs, str | bytes) else list(inputs)
-    if modality == "image":
-        import base64
+class _Requests:
+    """Every operation of the API once, as a function of its arguments returning a :class:`_Call`. ``Client`` and
+    ``AsyncClient`` are generated from these (same names, same signatures; a test checks it)."""
 
-        items = [base64.b64encode(_image_bytes(x)[1]).decode() for x in items]
-    body = {"model": model or served or "residual-tiny", "input": items, "modality": modality}
-    return _Call("POST", "/v1/embeddings", {"json": body},
-                 lambda r: [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])])
+    # ---- classification and embeddings -------------------------------------------------------------------------
+    @staticmethod
+    def classify(images: Sequence[Any], classes: Sequence[str] | None = None,
+                 templates: Sequence[str] | None = None, label_set_id: str | None = None,
+                 coefficients: str | None = None, top_k: int | None = None, explain: int | None = None,
+                 scores: str | None = None) -> _Call[ClassifyResult]:
+        """Images (bytes, paths, PIL images or numpy arrays) against ``classes`` (and ``templates``), a registered
+        ``label_set_id``, or a coefficient set's own label set; sent as multipart."""
+        data: dict[str, str] = {}
+        if classes is not None:
+            data["label_set"] = json.dumps(_label_set(classes, templates))
+        for key, value in (("label_set_id", label_set_id), ("coefficients", coefficients), ("top_k", top_k),
+                           ("explain", explain), ("scores", scores)):
+            if value is not None:
+                data[key] = str(value)
+        files = [("images", (*_image_bytes(im), "application/octet-stream")) for im in images]
+        return _Call("POST", "/classify", {"files": files, "data": data}, lambda r: ClassifyResult.parse(r.json()))
+
+    @staticmethod
+    def embeddings(inputs: str | Sequence[Any], model: str | None = None, modality: str = "text"
+                   ) -> _Call[list[list[float]]]:
+        """Texts (``modality="text"``) or images; ``model`` '<model>' or '<model>:<coefficient set>' (default: the
+        served model)."""
+        items = [inputs] if isinstance(inputs, str | bytes) else list(inputs)
+        if modality == "image":
+            import base64
+
+            items = [base64.b64encode(_image_bytes(x)[1]).decode() for x in items]
+        body: dict[str, Any] = {"input": items, "modality": modality, **({"model": model} if model else {})}
+        return _Call("POST", "/v1/embeddings", {"json": body},
+                     lambda r: [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])])
+
+    @staticmethod
+    def models() -> _Call[list[str]]:
+        return _Call("GET", "/v1/models", parse=lambda r: [m["id"] for m in r.json()["data"]])
+
+    # ---- label sets ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def create_label_set(classes: Sequence[str], templates: Sequence[str] | None = None) -> _Call[str]:
+        return _Call("POST", "/label-sets", {"json": _label_set(classes, templates)},
+                     lambda r: str(r.json()["label_set_id"]))
+
+    @staticmethod
+    def label_set(label_set_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/label-sets/{label_set_id}")
+
+    # ---- fits, datasets and coefficient sets ---------------------------------------------------------------------
+    @staticmethod
+    def fit(name: str, dataset: Any, classes: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+            label_set_id: str | None = None, variant: str = "full", hyperparameters: dict[str, Any] | None = None,
+            basis: str = "reference", activate: bool = True, world_sizes: dict[str, int] | None = None
+            ) -> _Call[dict[str, Any]]:
+        """Start a fit; ``dataset`` is a dataset id, ``"world:<task>"`` or ``{"images", "labels"}``; without
+        classes, a dataset's class folders (or a world task's own label set) are used. Returns a job."""
+        body: dict[str, Any] = {"name": name, "dataset": dataset, "variant": variant, "basis": basis,
+                                "activate": activate}
+        if classes is not None:
+            body["label_set"] = _label_set(classes, templates)
+        if label_set_id is not None:
+            body["label_set_id"] = label_set_id
+        if hyperparameters:
+            body["hyperparameters"] = hyperparameters
+        if world_sizes:
+            body["world_sizes"] = world_sizes
+        return _Call("POST", "/fit-alignment", {"json": body}, job=True)
+
+    @staticmethod
+    def job(job_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/fit-alignment/{job_id}")
+
+    @staticmethod
+    def upload_dataset(archive: bytes | str | os.PathLike[str]) -> _Call[dict[str, Any]]:
+        """A tar or zip archive in ImageFolder layout (bytes or a path), sent as a multipart file."""
+        data = archive if isinstance(archive, bytes) else Path(archive).read_bytes()
+        kind = "application/zip" if data[:2] == b"PK" else "application/x-tar"
+        return _Call("POST", "/datasets", {"files": {"file": ("dataset", data, kind)}})
+
+    @staticmethod
+    def coefficient_sets() -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/coefficients", parse=lambda r: list(r.json()["coefficient_sets"]))
+
+    @staticmethod
+    def coefficient_versions(name: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/coefficients/{name}")
+
+    @staticmethod
+    def activate(name: str, version: str) -> _Call[dict[str, Any]]:
+        return _Call("POST", f"/coefficients/{name}/activate", {"json": {"version": version}})
+
+    # ---- bases and heads -----------------------------------------------------------------------------------------
+    @staticmethod
+    def build_basis(name: str, dataset: str, max_images: int | None = None) -> _Call[dict[str, Any]]:
+        """Build a basis on the worker from a dataset id, ``"world:<task>"`` or ``"world:mixture"``; returns a job
+        whose ``wait()`` gives the new ``basis``."""
+        body: dict[str, Any] = {"name": name, "dataset": dataset}
+        if max_images is not None:
+            body["max_images"] = max_images
+        return _Call("POST", "/bases", {"json": body}, job=True)
+
+    @staticmethod
+    def bases(all_weights: bool = False) -> _Call[dict[str, Any]]:
+        """``{"weights_id", "default", "bases"}``: the served weights' bases, newest first, and the default."""
+        return _Call("GET", "/bases", {"params": {"all_weights": "true"} if all_weights else {}})
+
+    @staticmethod
+    def basis(basis: str) -> _Call[dict[str, Any]]:
+        """One basis by id or name, with per-unit k_90 / k_99 / evr_1."""
+        return _Call("GET", f"/bases/{basis}")
+
+    @staticmethod
+    def heads(basis: str | None = None) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/heads", {"params": {"basis": basis} if basis else {}})
+
+    @staticmethod
+    def head(layer: int, head: int, basis: str | None = None, method: str | None = None, atoms: int | None = None,
+             components: int | None = None, component_atoms: int | None = None) -> _Call[dict[str, Any]]:
+        params = {k: v for k, v in (("basis", basis), ("method", method), ("atoms", atoms),
+                                    ("components", components), ("component_atoms", component_atoms))
+                  if v is not None}
+        return _Call("GET", f"/heads/{layer}/{head}", {"params": params})
+
+    @staticmethod
+    def head_alignment(dataset: Any, classes: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+                       label_set_id: str | None = None, **options: Any) -> _Call[dict[str, Any]]:
+        """``options``: world_sizes, fractions, seeds, ablation, top, basis (see POST /heads/alignment)."""
+        body: dict[str, Any] = {"dataset": dataset, **options}
+        if classes is not None:
+            body["label_set"] = _label_set(classes, templates)
+        if label_set_id is not None:
+            body["label_set_id"] = label_set_id
+        return _Call("POST", "/heads/alignment", {"json": body})
 
 
-def _fit(name: str, dataset: Any, classes: Sequence[str] | None, templates: Sequence[str] | None,
-         label_set_id: str | None, variant: str, hyperparameters: dict[str, Any] | None, basis: str,
-         activate: bool, world_sizes: dict[str, int] | None) -> _Call:
-    body: dict[str, Any] = {"name": name, "dataset": dataset, "variant": variant, "basis": basis,
-                            "activate": activate}
-    if classes is not None:
-        body["label_set"] = {"classes": list(classes), **({"templates": list(templates)} if templates else {})}
-    if label_set_id is not None:
-        body["label_set_id"] = label_set_id
-    if hyperparameters:
-        body["hyperparameters"] = hyperparameters
-    if world_sizes:
-        body["world_sizes"] = world_sizes
-    return _Call("POST", "/fit-alignment", {"json": body})
+_JOBS = ("fit", "build_basis")  # their answer is wrapped in Job / AsyncJob
 
 
-def _build_basis(name: str, dataset: str, max_images: int | None) -> _Call:
-    body: dict[str, Any] = {"name": name, "dataset": dataset}
-    if max_images is not None:
-        body["max_images"] = max_images
-    return _Call("POST", "/bases", {"json": body})
+def _signature(builder: Callable[..., Any], job: str) -> inspect.Signature:
+    """The builder's parameters after ``self``, returning what the client returns (the parsed answer, or a job)."""
+    sig = inspect.signature(builder)
+    returned = str(sig.return_annotation)
+    returned = returned[len("_Call[") : -1] if returned.startswith("_Call[") else returned
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sig.replace(parameters=[self_param, *sig.parameters.values()],
+                       return_annotation=job if builder.__name__ in _JOBS else returned)
 
 
-def _bases(all_weights: bool) -> _Call:
-    return _Call("GET", "/bases", {"params": {"all_weights": "true"} if all_weights else {}})
+def _sync(builder: Callable[P, _Call[R]]) -> Callable[Concatenate[Client, P], Any]:
+    def method(self: Client, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return self._run(builder(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = builder.__name__
+    method.__doc__ = builder.__doc__
+    method.__signature__ = _signature(builder, "Job")  # type: ignore[attr-defined]
+    return method
 
 
-def _heads(basis: str | None) -> _Call:
-    return _Call("GET", "/heads", {"params": {"basis": basis} if basis else {}})
+def _async(builder: Callable[P, _Call[R]]) -> Callable[Concatenate[AsyncClient, P], Any]:
+    async def method(self: AsyncClient, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return await self._run(builder(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = builder.__name__
+    method.__doc__ = builder.__doc__
+    method.__signature__ = _signature(builder, "AsyncJob")  # type: ignore[attr-defined]
+    return method
 
 
 def _retry_after(r: httpx.Response, attempt: int) -> float:
@@ -197,7 +322,6 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_retries = max_retries
         self.retry_budget_s = retry_budget_s
-        self._model: str | None = None
 
     def _should_retry(self, r: httpx.Response, attempt: int, started: float) -> float | None:
         """Seconds to wait before the next attempt, or None to give up."""
@@ -206,21 +330,25 @@ class _Base:
         wait = _retry_after(r, attempt)
         return wait if time.monotonic() - started + wait <= self.retry_budget_s else None
 
-    def _args(self, call: _Call) -> dict[str, Any]:
+    def _args(self, call: _Call[Any]) -> dict[str, Any]:
         """The request's keyword arguments with the auth header merged into its own headers."""
         kw = dict(call.kwargs)
         kw["headers"] = {**self.headers, **kw.get("headers", {})}
         return kw
 
     @staticmethod
-    def _finish(call: _Call, r: httpx.Response) -> Any:
+    def _finish(call: _Call[R], r: httpx.Response) -> R:
         if r.status_code >= 400:
             raise APIError.from_response(r)
         return call.parse(r)
 
 
+_OPERATIONS = [name for name in vars(_Requests) if not name.startswith("_")]
+
+
 class Client(_Base):
-    """Blocking client. ``images`` anywhere: bytes, file paths, PIL images or numpy arrays (sent as multipart)."""
+    """Blocking client. ``images`` anywhere: bytes, file paths, PIL images or numpy arrays (sent as multipart).
+    Its methods are the operations of :class:`_Requests`, plus ``rollback``."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0, max_retries: int = 4,
                  retry_budget_s: float = 60.0, http: httpx.Client | None = None) -> None:
@@ -236,100 +364,21 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _run(self, call: _Call) -> Any:
+    def _run(self, call: _Call[R]) -> Any:
         started = time.monotonic()
         attempt = 0
         while True:
             r = self._http.request(call.method, call.path, **self._args(call))
             wait = self._should_retry(r, attempt, started)
             if wait is None:
-                return self._finish(call, r)
+                out = self._finish(call, r)
+                return Job(self, out["job_id"], out["status_url"]) if call.job else out
             time.sleep(wait)
             attempt += 1
 
-    # ---- classification and embeddings -------------------------------------------------------------------------
-    def classify(self, images: Sequence[Any], classes: Sequence[str] | None = None,
-                 templates: Sequence[str] | None = None, label_set_id: str | None = None,
-                 coefficients: str | None = None, top_k: int | None = None, explain: int | None = None,
-                 scores: str | None = None) -> ClassifyResult:
-        return self._run(_classify(images, classes, templates, label_set_id, coefficients, top_k, explain, scores))
-
-    def embeddings(self, inputs: str | Sequence[Any], model: str | None = None, modality: str = "text"
-                   ) -> list[list[float]]:
-        """Texts (``modality="text"``) or images; ``model`` '<model>' or '<model>:<coefficient set>'."""
-        return self._run(_embeddings(inputs, model, modality, self._served()))
-
-    def models(self) -> list[str]:
-        return [m["id"] for m in self._run(_Call("GET", "/v1/models"))["data"]]
-
-    def _served(self) -> str:
-        if self._model is None:
-            self._model = self.models()[0]
-        return self._model
-
-    # ---- label sets ----------------------------------------------------------------------------------------------
-    def create_label_set(self, classes: Sequence[str], templates: Sequence[str] | None = None) -> str:
-        body = {"classes": list(classes), **({"templates": list(templates)} if templates else {})}
-        return self._run(_Call("POST", "/label-sets", {"json": body}))["label_set_id"]
-
-    def label_set(self, label_set_id: str) -> dict[str, Any]:
-        return self._run(_Call("GET", f"/label-sets/{label_set_id}"))
-
-    # ---- fits, datasets and coefficient sets ---------------------------------------------------------------------
-    def fit(self, name: str, dataset: Any, classes: Sequence[str] | None = None,
-            templates: Sequence[str] | None = None, label_set_id: str | None = None, variant: str = "full",
-            hyperparameters: dict[str, Any] | None = None, basis: str = "reference", activate: bool = True,
-            world_sizes: dict[str, int] | None = None) -> Job:
-        """Start a fit; ``dataset`` is a dataset id, ``"world:<task>"`` or ``{"images", "labels"}``."""
-        acc = self._run(_fit(name, dataset, classes, templates, label_set_id, variant, hyperparameters, basis,
-                             activate, world_sizes))
-        return Job(self, acc["job_id"], acc["status_url"])
-
-    def upload_dataset(self, archive: bytes | str | os.PathLike[str]) -> dict[str, Any]:
-        data = archive if isinstance(archive, bytes) else Path(archive).read_bytes()
-        kind = "application/zip" if data[:2] == b"PK" else "application/x-tar"
-        return self._run(_Call("POST", "/datasets", {"content": data, "headers": {"content-type": kind}}))
-
-    def coefficient_sets(self) -> list[dict[str, Any]]:
-        return self._run(_Call("GET", "/coefficients"))["coefficient_sets"]
-
-    def coefficient_versions(self, name: str) -> dict[str, Any]:
-        return self._run(_Call("GET", f"/coefficients/{name}"))
-
-    def activate(self, name: str, version: str) -> dict[str, Any]:
-        return self._run(_Call("POST", f"/coefficients/{name}/activate", {"json": {"version": version}}))
-
     def rollback(self, name: str) -> dict[str, Any]:
         """Activate the version listed before the active one."""
-        return self.activate(name, _previous(self.coefficient_versions(name)))
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self._run(_Call("GET", f"/fit-alignment/{job_id}"))
-
-    # ---- bases and heads -----------------------------------------------------------------------------------------
-    def build_basis(self, name: str, dataset: str, max_images: int | None = None) -> Job:
-        """Build a basis on the worker from a dataset id, ``"world:<task>"`` or ``"world:mixture"``; ``wait()``
-        returns the job with its ``basis``."""
-        acc = self._run(_build_basis(name, dataset, max_images))
-        return Job(self, acc["job_id"], acc["status_url"])
-
-    def bases(self, all_weights: bool = False) -> dict[str, Any]:
-        """``{"weights_id", "default", "bases"}``: the served weights' bases, newest first, and the default."""
-        return self._run(_bases(all_weights))
-
-    def basis(self, basis: str) -> dict[str, Any]:
-        """One basis by id or name, with per-unit k_90 / k_99 / evr_1."""
-        return self._run(_Call("GET", f"/bases/{basis}"))
-
-    def heads(self, basis: str | None = None) -> dict[str, Any]:
-        return self._run(_heads(basis))
-
-    def head(self, layer: int, head: int, **params: Any) -> dict[str, Any]:
-        """``params``: ``basis``, ``method``, ``atoms``, ``components``, ``component_atoms``."""
-        return self._run(_Call("GET", f"/heads/{layer}/{head}", {"params": params}))
-
-    def head_alignment(self, **body: Any) -> dict[str, Any]:
-        return self._run(_Call("POST", "/heads/alignment", {"json": body}))
+        return self.activate(name, _previous(self.coefficient_versions(name)))  # type: ignore[attr-defined]
 
 
 class AsyncClient(_Base):
@@ -349,81 +398,28 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _run(self, call: _Call) -> Any:
+    async def _run(self, call: _Call[R]) -> Any:
         started = time.monotonic()
         attempt = 0
         while True:
             r = await self._http.request(call.method, call.path, **self._args(call))
             wait = self._should_retry(r, attempt, started)
             if wait is None:
-                return self._finish(call, r)
+                out = self._finish(call, r)
+                return AsyncJob(self, out["job_id"], out["status_url"]) if call.job else out
             await asyncio.sleep(wait)
             attempt += 1
 
-    async def classify(self, images: Sequence[Any], classes: Sequence[str] | None = None,
-                       templates: Sequence[str] | None = None, label_set_id: str | None = None,
-                       coefficients: str | None = None, top_k: int | None = None, explain: int | None = None,
-                       scores: str | None = None) -> ClassifyResult:
-        return await self._run(_classify(images, classes, templates, label_set_id, coefficients, top_k, explain,
-                                         scores))
-
-    async def embeddings(self, inputs: str | Sequence[Any], model: str | None = None, modality: str = "text"
-                         ) -> list[list[float]]:
-        if self._model is None:
-            self._model = (await self.models())[0]
-        return await self._run(_embeddings(inputs, model, modality, self._model))
-
-    async def models(self) -> list[str]:
-        return [m["id"] for m in (await self._run(_Call("GET", "/v1/models")))["data"]]
-
-    async def create_label_set(self, classes: Sequence[str], templates: Sequence[str] | None = None) -> str:
-        body = {"classes": list(classes), **({"templates": list(templates)} if templates else {})}
-        return (await self._run(_Call("POST", "/label-sets", {"json": body})))["label_set_id"]
-
-    async def label_set(self, label_set_id: str) -> dict[str, Any]:
-        return await self._run(_Call("GET", f"/label-sets/{label_set_id}"))
-
-    async def fit(self, name: str, dataset: Any, classes: Sequence[str] | None = None,
-                  templates: Sequence[str] | None = None, label_set_id: str | None = None, variant: str = "full",
-                  hyperparameters: dict[str, Any] | None = None, basis: str = "reference", activate: bool = True,
-                  world_sizes: dict[str, int] | None = None) -> AsyncJob:
-        acc = await self._run(_fit(name, dataset, classes, templates, label_set_id, variant, hyperparameters,
-                                   basis, activate, world_sizes))
-        return AsyncJob(self, acc["job_id"], acc["status_url"])
-
-    async def coefficient_sets(self) -> list[dict[str, Any]]:
-        return (await self._run(_Call("GET", "/coefficients")))["coefficient_sets"]
-
-    async def coefficient_versions(self, name: str) -> dict[str, Any]:
-        return await self._run(_Call("GET", f"/coefficients/{name}"))
-
-    async def activate(self, name: str, version: str) -> dict[str, Any]:
-        return await self._run(_Call("POST", f"/coefficients/{name}/activate", {"json": {"version": version}}))
-
     async def rollback(self, name: str) -> dict[str, Any]:
-        return await self.activate(name, _previous(await self.coefficient_versions(name)))
+        """Activate the version listed before the active one."""
+        versions = await self.coefficient_versions(name)  # type: ignore[attr-defined]
+        return await self.activate(name, _previous(versions))  # type: ignore[attr-defined,no-any-return]
 
-    async def job(self, job_id: str) -> dict[str, Any]:
-        return await self._run(_Call("GET", f"/fit-alignment/{job_id}"))
 
-    async def build_basis(self, name: str, dataset: str, max_images: int | None = None) -> AsyncJob:
-        acc = await self._run(_build_basis(name, dataset, max_images))
-        return AsyncJob(self, acc["job_id"], acc["status_url"])
-
-    async def bases(self, all_weights: bool = False) -> dict[str, Any]:
-        return await self._run(_bases(all_weights))
-
-    async def basis(self, basis: str) -> dict[str, Any]:
-        return await self._run(_Call("GET", f"/bases/{basis}"))
-
-    async def heads(self, basis: str | None = None) -> dict[str, Any]:
-        return await self._run(_heads(basis))
-
-    async def head(self, layer: int, head: int, **params: Any) -> dict[str, Any]:
-        return await self._run(_Call("GET", f"/heads/{layer}/{head}", {"params": params}))
-
-    async def head_alignment(self, **body: Any) -> dict[str, Any]:
-        return await self._run(_Call("POST", "/heads/alignment", {"json": body}))
+for _name in _OPERATIONS:
+    _builder = getattr(_Requests, _name)
+    setattr(Client, _name, _sync(_builder))
+    setattr(AsyncClient, _name, _async(_builder))
 
 
 def _previous(info: dict[str, Any]) -> str:
@@ -470,11 +466,12 @@ class Job:
     status_url: str
 
     def refresh(self) -> dict[str, Any]:
-        return self.client._run(_Call("GET", self.status_url))
+        return self.client._run(_Call("GET", self.status_url))  # type: ignore[no-any-return]
 
     def cancel(self) -> dict[str, Any]:
-        """Cancel a queued job, or stop a running fit at its next batch."""
-        return self.client._run(_Call("DELETE", self.status_url))
+        """Cancel a queued job, or stop a running one at its next batch or chunk (it reads ``cancelling`` until
+        then)."""
+        return self.client._run(_Call("DELETE", self.status_url))  # type: ignore[no-any-return]
 
     def wait(self, timeout: float | None = None, poll_s: float = 1.0, progress: bool = False) -> dict[str, Any]:
         """Poll ``status_url`` until the job ends; its result, or :class:`JobFailed` (failed or cancelled)."""
@@ -500,10 +497,11 @@ class AsyncJob:
     status_url: str
 
     async def refresh(self) -> dict[str, Any]:
-        return await self.client._run(_Call("GET", self.status_url))
+        return await self.client._run(_Call("GET", self.status_url))  # type: ignore[no-any-return]
 
     async def cancel(self) -> dict[str, Any]:
-        return await self.client._run(_Call("DELETE", self.status_url))
+        """See :meth:`Job.cancel`."""
+        return await self.client._run(_Call("DELETE", self.status_url))  # type: ignore[no-any-return]
 
     async def wait(self, timeout: float | None = None, poll_s: float = 1.0, progress: bool = False
                    ) -> dict[str, Any]:

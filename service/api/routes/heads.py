@@ -1,13 +1,13 @@
-"""The head-spectrum API (paper-spec section 4): which heads of the serving model specialise in what.
+"""The head-spectrum API: which heads of the serving model specialise in what (docs/method.md, head analyses).
 
 - ``GET /heads``: one row per unit (emb, MLPs, heads): cumulative EVR (first 32), k at 0.9 / 0.99, participation
-  ratio, TwoNN intrinsic dimension; computed once per reference basis and cached;
+  ratio, TwoNN intrinsic dimension; computed once per basis and cached;
 - ``GET /heads/{layer}/{head}``: that head's full spectrum and text descriptions of the head and of its top
   principal components (SOMP over the shipped text dictionary, or TextSpan);
 - ``POST /heads/alignment`` (admin key: it may enqueue a job and store a dataset): per-head supervised and U|T
   scores for a label set on images, with the top-k head ablation curve; over ``heads_sync_max_images`` images it
   becomes a job (202 + status URL), read with ``GET /heads/alignment/{job_id}`` (admin key, head-alignment jobs
-  only);
+  only) and cancelled with ``DELETE``;
 - pictures: ``GET /heads/spectrum.png``, ``GET /heads/{layer}/{head}/spectrum.png``, ``POST /heads/alignment.png``,
   ``GET /heads/alignment/{job_id}.png``.
 """
@@ -17,67 +17,51 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from residual.plots import ablation_png, evr_curves_png, head_heatmap_png
-from service import queue
-from service.deps import AdminKey, ApiKey, Runtime, RuntimeDep, dataset_store, world_and_label_set
+from residual.spectral import explained_variance
+from service import sources
+from service.analysis import heads_matrix
+from service.api.auth import AdminKey, ApiKey
+from service.api.body import JsonBody
+from service.api.deps import Ready, ReadyDep, source_and_label_set
+from service.api.job_routes import JOB_ID_PARAM, add_job_routes, job_status
+from service.api.schemas import (
+    BASIS_REF,
+    AlignmentReport,
+    AlignmentRequest,
+    AlignmentSizes,
+    HeadDetail,
+    HeadJobAccepted,
+    HeadSpectra,
+    InlineDataset,
+)
 from service.errors import Conflict, InvalidRequest
-from service.heads import heads_matrix
-from service.images import decode_base64, decode_image
-from service.model_store import label_set_id
-from service.schemas import HeadJobAccepted, InlineDataset, JobInfo, LabelSet, Report
+from service.images import decode_base64
+from service.jobs import queue
+from service.jobs.specs import HEADS, AlignmentParams, HeadAlignmentJob
 
 router = APIRouter(tags=["heads"])
 
+_BODY = JsonBody(AlignmentRequest)
 SPECTRUM_VALUES = ("k_90", "k_99", "participation_ratio", "twonn", "evr_1")
-_BASIS_DOC = "a basis id or name (GET /bases); default: the default basis"
-_NO_BASIS = {409: {"description": "no basis for the served weights (build one with POST /bases), or a basis of "
-                                  "other weights"}, 404: {"description": "unknown basis"}}
-_PNG = {200: {"content": {"image/png": {}}, "description": "a PNG picture"}}
-
-
-class AlignmentSizes(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    score: int = Field(500, ge=10, le=20_000, description="val-split images the heads are scored on")
-    eval: int = Field(1000, ge=10, le=20_000, description="test-split images of the ablation curve")
-
-
-class AlignmentRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"dataset": "world:colour"},
-        {"label_set": {"classes": ["cat", "dog"]}, "dataset": "ds-0123456789abcdef0123", "fractions": [0.05, 0.1]}]})
-
-    label_set: LabelSet | None = None
-    label_set_id: str | None = None
-    dataset: InlineDataset | str = Field(..., description="inline images, a dataset id, or 'world:<task>'")
-    world_sizes: AlignmentSizes | None = None
-    fractions: list[float] | None = Field(None, min_length=1, max_length=10,
-                                          description="fractions of heads kept; default: the reference's top-k "
-                                                      "points k in {1, max(2, 1%), 5%, 10%, 25%, 50%, 75%} of the "
-                                                      "heads (floors)")
-    seeds: int = Field(10, ge=1, le=50, description="random head sets per fraction")
-    ablation: Literal["mean", "zero"] = Field("mean", description="what an ablated unit becomes")
-    top: int = Field(5, ge=1, le=100, description="top heads listed per score")
-    basis: str | None = Field(None, description="the basis whose per-head spectrum (k_90, evr_1) the report puts "
-                                                "next to the scores: an id or name; default: the default basis")
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, v: list[float] | None) -> list[float] | None:
-        if v is not None and any(not 0 < f <= 1 for f in v):
-            raise ValueError("every fraction must be in (0, 1]")
-        return v
+_BASIS = Query(None, pattern=BASIS_REF, description="a basis id or name (GET /bases); default: the default basis")
+_NO_BASIS: dict[int | str, dict[str, Any]] = {
+    409: {"description": "no basis for the served weights (build one with POST /bases), or a basis of other weights"},
+    404: {"description": "unknown basis"}}
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG picture"}}
+_LAYER = Path(..., ge=0, le=1023, description="layer index (0-based; 404 past the model's last layer)")
+_HEAD = Path(..., ge=0, le=1023, description="head index within the layer (0-based; 404 past the last head)")
 
 
 # ---- spectra ------------------------------------------------------------------------------------------------------
 
 
-@router.get("/heads", response_model=Report, dependencies=[ApiKey], responses=_NO_BASIS,
+@router.get("/heads", response_model=HeadSpectra, dependencies=[ApiKey], responses=_NO_BASIS,
             summary="Spectra and intrinsic dimension of every unit")
-async def list_heads(rt: RuntimeDep, basis: str | None = Query(None, description=_BASIS_DOC)) -> dict[str, Any]:
+async def list_heads(rt: ReadyDep, basis: str | None = _BASIS) -> dict[str, Any]:
     """One row per unit in paper order (emb, MLP of each layer, then each head by layer and head).
 
     Fields: cumulative explained-variance ratio of the first 32 components (``evr``), ``k_90`` and ``k_99`` (the
@@ -86,16 +70,14 @@ async def list_heads(rt: RuntimeDep, basis: str | None = Query(None, description
     ``twonn_samples`` images of the basis's own source. ``basis`` names the basis (id, name, source). The first
     call per basis computes, later calls are served from memory. 409 when the served weights have no basis yet.
     """
-    assert rt.heads is not None
     return await rt.heads.spectra(basis)
 
 
 @router.get("/heads/spectrum.png", dependencies=[ApiKey], responses={**_PNG, **_NO_BASIS}, response_class=Response,
             summary="Layer x head heatmap of a spectral quantity")
-async def spectrum_png(rt: RuntimeDep, value: Literal["k_90", "k_99", "participation_ratio", "twonn", "evr_1"] =
+async def spectrum_png(rt: ReadyDep, value: Literal["k_90", "k_99", "participation_ratio", "twonn", "evr_1"] =
                        Query("k_90", description="the per-head quantity to draw"),
-                       basis: str | None = Query(None, description=_BASIS_DOC)) -> Response:
-    assert rt.heads is not None
+                       basis: str | None = _BASIS) -> Response:
     spectra = await rt.heads.spectra(basis)
     g = spectra["geometry"]
     matrix = heads_matrix(spectra, value, g["layers"], g["heads"])
@@ -107,99 +89,87 @@ async def spectrum_png(rt: RuntimeDep, value: Literal["k_90", "k_99", "participa
 # ---- alignment ----------------------------------------------------------------------------------------------------
 
 
-async def _prepare(body: AlignmentRequest, rt: RuntimeDep) -> tuple[dict[str, Any], Any, int]:
-    """Validate; returns (spec, inline (pixels, labels) or None, number of images)."""
-    assert rt.store is not None
+async def _run_or_enqueue(body: AlignmentRequest, rt: Ready) -> tuple[dict[str, Any] | None, JSONResponse | None]:
+    """Validate; answer directly, or enqueue a job when the data exceed ``heads_sync_max_images``."""
     s = rt.settings
-    spec: dict[str, Any] = {"weights_id": rt.store.backbone.weights_id,
-                            "params": {"fractions": body.fractions, "seeds": body.seeds, "ablation": body.ablation,
-                                       "top": body.top}}
-    world, classes, templates = await world_and_label_set(body.dataset, body.world_sizes, AlignmentSizes,
-                                                          body.label_set, body.label_set_id, rt, "head alignment")
-    world_task = world["task"] if world else None
-    if world:
-        spec["world"] = world
-    spec |= {"classes": classes, "templates": templates,
-             "label_set_id": label_set_id(rt.store.backbone.weights_id, classes, templates)}
-    inline = None
-    if world_task is not None:
-        n = spec["world"]["score"] + spec["world"]["eval"]
-    elif isinstance(body.dataset, InlineDataset):
-        n = len(body.dataset.images)
-        if n != len(body.dataset.labels):
-            raise InvalidRequest(f"{n} images but {len(body.dataset.labels)} labels")
+    params = AlignmentParams(fractions=body.fractions, seeds=body.seeds, ablation=body.ablation, top=body.top)
+    inline_pixels: tuple[torch.Tensor, torch.Tensor] | None = None
+    source: sources.WorldTaskSource | sources.DatasetSource | None
+    if isinstance(body.dataset, InlineDataset):
+        inline_ds = body.dataset
+        n = len(inline_ds.images)
+        if n != len(inline_ds.labels):
+            raise InvalidRequest(f"{n} images but {len(inline_ds.labels)} labels")
         if n > s.max_inline_images:
             raise InvalidRequest(f"{n} inline images; the limit is {s.max_inline_images} (upload larger sets with "
                                  "POST /datasets)")
-        unknown = sorted(set(body.dataset.labels) - set(classes))
+        source, classes, templates = await source_and_label_set(inline_ds, None, body.label_set, body.label_set_id,
+                                                                rt, "head alignment")
+        unknown = sorted(set(inline_ds.labels) - set(classes))
         if unknown:
-            raise InvalidRequest(f"labels that are not classes of the label set: {unknown}")
-        inline_ds = body.dataset
-        blobs = await rt.io.run(lambda: [decode_base64(b, i) for i, b in enumerate(inline_ds.images)])
-        labels = [classes.index(lab) for lab in inline_ds.labels]
-        if n > s.heads_sync_max_images:  # the worker reads it from the dataset store
-            ds = await rt.io.run(dataset_store(rt).from_inline, blobs, list(inline_ds.labels))
-            spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
-        else:
-            pixels = await rt.io.run(_decode, blobs, rt)
-            inline = (pixels, torch.tensor(labels))
+            raise InvalidRequest(f"labels that are not classes of the label set: {unknown[:10]}")
     else:
-        ds = await rt.io.run(dataset_store(rt).get, body.dataset)
-        unknown = sorted(set(ds.classes) - set(classes))
-        if unknown:
-            raise InvalidRequest(f"classes in the data that are not in the label set: {unknown}")
-        spec |= {"dataset_id": ds.dataset_id, "class_map": {c: classes.index(c) for c in ds.classes}}
-        n = len(ds.files)
-    info = await rt.io.run(rt.store.bases.resolve, body.basis)  # 404 / 409 now, not in a job
-    spec["basis"] = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
-    return spec, inline, n
-
-
-def _decode(blobs: list[bytes], rt: Runtime) -> torch.Tensor:
-    assert rt.store is not None
-    pre = rt.store.backbone.preprocess
-    return torch.stack([pre(decode_image(b, rt.settings.max_image_pixels, i)) for i, b in enumerate(blobs)])
-
-
-async def _class_embeddings(rt: Runtime, spec: dict[str, Any]) -> torch.Tensor:
-    assert rt.text is not None
-    return await rt.io.run(rt.text.class_embeddings, spec["label_set_id"], spec["classes"], spec["templates"])
-
-
-async def _run_or_enqueue(body: AlignmentRequest, rt: Runtime) -> tuple[dict[str, Any] | None, JSONResponse | None]:
-    assert rt.heads is not None
-    spec, inline, n = await _prepare(body, rt)
-    if n > rt.settings.heads_sync_max_images:
-        s = rt.settings
-        job = await rt.io.run(queue.enqueue, rt.jobs_redis, queue.HEADS, spec,
-                              f"heads:{spec.get('dataset_id') or body.dataset}", s.job_timeout_s, s.job_result_ttl_s)
+        sizes = body.world_sizes.model_dump() if body.world_sizes is not None else None
+        source, classes, templates = await source_and_label_set(body.dataset, sizes, body.label_set,
+                                                                body.label_set_id, rt, "head alignment")
+        if isinstance(source, sources.WorldTaskSource):
+            sizes_used = body.world_sizes or AlignmentSizes()
+            n = sizes_used.score + sizes_used.eval
+        else:
+            assert source is not None
+            n = len((await rt.io.run(rt.datasets.get, source.dataset_id)).files)
+    info = await rt.io.run(rt.bases.resolve, body.basis)  # 404 / 409 now, not in a job
+    basis_ref = info.basis_id if info is not None else "reference"  # None: the world basis, not built yet
+    ls_id = rt.label_sets.id_of(classes, templates)
+    if isinstance(body.dataset, InlineDataset):
+        labels = list(body.dataset.labels)
+        images = body.dataset.images
+        blobs = await rt.io.run(lambda: [decode_base64(b, i, "dataset.images") for i, b in enumerate(images)])
+        if n > s.heads_sync_max_images:  # the worker reads it from the dataset store
+            ds = await rt.io.run(rt.datasets.from_inline, blobs, labels)
+            source = sources.DatasetSource(dataset_id=ds.dataset_id,
+                                           class_map={c: classes.index(c) for c in ds.classes})
+        else:
+            await rt.io.run(rt.datasets.check_inline, blobs, labels)
+            inline_pixels = (await rt.images(blobs), torch.tensor([classes.index(lab) for lab in labels]))
+    if n > s.heads_sync_max_images:
+        assert source is not None
+        spec = HeadAlignmentJob(classes=classes, templates=templates, label_set_id=ls_id, source=source,
+                                basis=basis_ref, params=params, weights_id=rt.model.weights_id)
+        job = await rt.io.run(queue.enqueue, rt.jobs_redis, spec, f"heads:{sources.source_name(source)}",
+                              s.job_timeout_s, s.job_result_ttl_s)
         url = f"/heads/alignment/{job.id}"
         accepted = HeadJobAccepted(job_id=job.id, status_url=url, images=n,
                                    reason=f"{n} images exceed heads_sync_max_images ({s.heads_sync_max_images})")
         return None, JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
-    class_emb = await _class_embeddings(rt, spec)
-    return await rt.heads.alignment(spec, class_emb, inline), None
+    class_emb = await rt.io.run(rt.text.class_embeddings, ls_id, classes, templates)
+    report = await rt.heads.alignment(source, class_emb, classes, ls_id, params.model_dump(), basis_ref, inline_pixels)
+    return report, None
 
 
 _ALIGN_ERRORS: dict[int | str, dict[str, Any]] = {
-    202: {"description": "too many images to answer directly: a job was queued (see status_url)"},
+    202: {"description": "too many images to answer directly: a job was queued (see status_url)",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HeadJobAccepted"}}}},
     404: {"description": "unknown dataset, label set or basis"},
     409: {"description": "no basis for the served weights (build one with POST /bases)"},
-    413: {"description": "request or image too large"},
-    415: {"description": "undecodable image"}, 422: {"description": "invalid request"},
-    503: {"description": "not ready, or the job queue is unavailable"}}
+    413: {"description": "request, image or label set too large"},
+    415: {"description": "not application/json, or an undecodable image"}, 422: {"description": "invalid request"},
+    503: {"description": "not ready, or the job queue is unavailable"},
+    507: {"description": "the artifact volume is full (a large inline dataset is stored for the job)"}}
 
 
-@router.post("/heads/alignment", response_model=Report, dependencies=[AdminKey], responses=_ALIGN_ERRORS,
+@router.post("/heads/alignment", response_model=AlignmentReport, dependencies=[AdminKey], responses=_ALIGN_ERRORS,
+             openapi_extra=_BODY.openapi,
              summary="Per-head alignment with a label set, and the top-k head ablation curve")
-async def alignment(body: AlignmentRequest, rt: RuntimeDep) -> Any:
+async def alignment(rt: ReadyDep, body: AlignmentRequest = _BODY.depends) -> Any:
     """For every head: ``supervised`` (zero-shot accuracy of the head's contribution alone) and
     ``text_correlation`` (the paper's U|T score: mean correlation, inside the span of the class embeddings,
     between the head and the sum of all heads), with ranks (1 = best). ``ablation``: accuracy keeping only the
     top ``k`` heads by each score, every other unit replaced by its mean (or zero), against random heads (mean
-    and std over ``seeds``) and all units. World tasks score on their val split and evaluate on their test split;
-    other data are split into stratified halves. Each head also carries the basis's ``k_90`` and ``evr_1``, and
-    ``basis`` names the basis.
+    and std over ``seeds``) and all units; by default at the reference's points k in {1, max(2, 1%), 5%, 10%, 25%,
+    50%, 75%} of the heads. World tasks score on their val split and evaluate on their test split; other data are
+    split into stratified halves. Each head also carries the basis's ``k_90`` and ``evr_1``, and ``basis`` names
+    the basis.
     """
     report, accepted = await _run_or_enqueue(body, rt)
     return accepted if accepted is not None else report
@@ -216,8 +186,9 @@ def _alignment_picture(report: dict[str, Any], score: str, picture: str, layers:
 
 
 @router.post("/heads/alignment.png", dependencies=[AdminKey], responses={**_PNG, **_ALIGN_ERRORS},
-             response_class=Response, summary="Alignment as a picture: score heatmap or ablation curve")
-async def alignment_png(body: AlignmentRequest, rt: RuntimeDep,
+             response_class=Response, openapi_extra=_BODY.openapi,
+             summary="Alignment as a picture: score heatmap or ablation curve")
+async def alignment_png(rt: ReadyDep, body: AlignmentRequest = _BODY.depends,
                         score: Literal["text_correlation", "supervised"] = Query("text_correlation"),
                         picture: Literal["heatmap", "ablation"] = Query("heatmap")) -> Response:
     """The same computation as ``POST /heads/alignment``; a job (202) when the data are too large to answer now,
@@ -226,72 +197,61 @@ async def alignment_png(body: AlignmentRequest, rt: RuntimeDep,
     if accepted is not None:
         return accepted
     assert report is not None
-    g = rt.store.backbone.geometry if rt.store else None
-    assert g is not None
+    g = rt.model.backbone.geometry
     png = await rt.analysis.run(_alignment_picture, report, score, picture, g.layers, g.heads)
     return Response(png, media_type="image/png")
 
 
-def _job_report(rt: Runtime, job_id: str) -> dict[str, Any]:
-    return queue.redis_call(lambda: queue.describe(queue.fetch(rt.jobs_redis, job_id, queue.HEADS)))
-
-
-@router.get("/heads/alignment/{job_id}.png", dependencies=[AdminKey], response_class=Response,
+@router.get("/heads/alignment/{job_id:job}.png", dependencies=[AdminKey], response_class=Response,
             responses={**_PNG, 404: {"description": "unknown job"}, 409: {"description": "job not finished"}},
             summary="Picture of a finished alignment job")
-async def alignment_job_png(job_id: str, rt: RuntimeDep,
+async def alignment_job_png(rt: ReadyDep, job_id: str = JOB_ID_PARAM,
                             score: Literal["text_correlation", "supervised"] = Query("text_correlation"),
                             picture: Literal["heatmap", "ablation"] = Query("heatmap")) -> Response:
-    info = await rt.io.run(_job_report, rt, job_id)
+    info = await rt.io.run(job_status, rt, job_id, HEADS)
     if info["status"] != "succeeded" or "heads" not in info:
         raise Conflict(f"job {job_id} is {info['status']}, not a finished head alignment")
-    assert rt.store is not None
-    g = rt.store.backbone.geometry
+    g = rt.model.backbone.geometry
     png = await rt.analysis.run(_alignment_picture, info, score, picture, g.layers, g.heads)
     return Response(png, media_type="image/png")
 
 
-@router.get("/heads/alignment/{job_id}", response_model=JobInfo, dependencies=[AdminKey],
-            responses={404: {"description": "unknown job"}}, summary="Status, progress and result of an alignment job")
-async def alignment_job(job_id: str, rt: RuntimeDep) -> dict[str, Any]:
-    """Status as for fit jobs; when ``succeeded`` the body also holds the full alignment report."""
-    return await rt.io.run(_job_report, rt, job_id)
+add_job_routes(router, "/heads/alignment", HEADS, "head alignment",
+               "Status as for fit jobs; when ``succeeded`` the body also holds the full alignment report.")
 
 
 # ---- one head (declared last: /heads/{layer}/{head} would otherwise shadow /heads/alignment/{job_id}) ----
 
 
-@router.get("/heads/{layer}/{head}", response_model=Report, dependencies=[ApiKey],
+@router.get("/heads/{layer}/{head}", response_model=HeadDetail, dependencies=[ApiKey],
             responses={**_NO_BASIS, 404: {"description": "no such head or basis"}},
             summary="One head: full spectrum and text descriptions")
-async def head_detail(layer: int, head: int, rt: RuntimeDep,
+async def head_detail(rt: ReadyDep, layer: int = _LAYER, head: int = _HEAD,
                       method: Literal["somp", "textspan"] = Query("somp", description="description algorithm"),
                       atoms: int = Query(10, ge=1, le=50, description="texts describing the head"),
                       components: int = Query(5, ge=0, le=32, description="principal components described"),
                       component_atoms: int = Query(5, ge=1, le=20, description="texts per component"),
-                      basis: str | None = Query(None, description=_BASIS_DOC)) -> dict[str, Any]:
+                      basis: str | None = _BASIS) -> dict[str, Any]:
     """Eigenvalues and cumulative EVR of all components; the head's outputs on the reference sample described by
     ``atoms`` dictionary texts (weights: RMS coefficient for SOMP, explained variance for TextSpan); each of the
     top ``components`` principal components described by OMP (signed weights: a component's sign is arbitrary).
     The head description needs images of the basis's source; for a basis built elsewhere it is null and
     ``description_note`` says why.
     """
-    assert rt.heads is not None
     return await rt.heads.head_detail(layer, head, atoms, components, component_atoms, method, basis)
 
 
 @router.get("/heads/{layer}/{head}/spectrum.png", dependencies=[ApiKey], responses={**_PNG, **_NO_BASIS},
             response_class=Response, summary="Explained-variance curve of one head (and its layer's MLP)")
-async def head_spectrum_png(layer: int, head: int, rt: RuntimeDep,
+async def head_spectrum_png(rt: ReadyDep, layer: int = _LAYER, head: int = _HEAD,
                             n: int = Query(32, ge=2, le=4096, description="components drawn"),
-                            basis_ref: str | None = Query(None, alias="basis", description=_BASIS_DOC)) -> Response:
-    assert rt.heads is not None
-    idx = rt.heads.head_index(layer, head)
+                            basis_ref: str | None = Query(None, alias="basis", pattern=BASIS_REF,
+                                                          description="a basis id or name (GET /bases)")) -> Response:
+    rt.heads.head_index(layer, head)  # 404 for a head the model does not have
     _, basis = await rt.analysis.run(rt.heads.basis, basis_ref)
-    g = rt.heads.bb.geometry
+    g = rt.model.backbone.geometry
     curves = {}
-    for name, unit in ((f"head {layer}.{head}", 1 + g.layers + idx), (f"mlp {layer}", 1 + layer)):
-        eig = basis.eigenvalues[unit]
-        curves[name] = (eig.cumsum(0) / eig.sum().clamp_min(1e-30))[:n].tolist()
+    for name, unit in ((f"head {layer}.{head}", g.head_unit(layer, head)), (f"mlp {layer}", g.mlp_unit(layer))):
+        curves[name] = explained_variance(basis.eigenvalues[unit])[:n].tolist()
     png = await rt.analysis.run(evr_curves_png, curves, f"layer {layer}, head {head}: explained variance")
     return Response(png, media_type="image/png")

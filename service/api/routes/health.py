@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.cache import queue_policy_warning
-from service.deps import get_runtime
+from service.api.deps import get_runtime
+from service.api.schemas import Alive, Ready
 from service.errors import error_body
-from service.schemas import Alive, Ready
+from service.jobs.queue import accepts_writes, queue_policy_warning
 
 router = APIRouter(tags=["health"])
 
@@ -23,21 +23,29 @@ async def livez() -> Alive:
             responses={503: {"description": "loading, failed to load, batcher restarting, or shutting down"}})
 async def readyz(request: Request) -> Response:
     """503 exactly when the routes answer 503 (``Runtime.problem``): model not loaded, batcher dead and
-    restarting, a thread pool down, or SIGTERM received. Redis down is ``degraded`` (200): classification goes on."""
+    restarting, a thread pool down, or SIGTERM received. A Redis that is down, or a job queue that refuses writes
+    (a full Redis), is ``degraded`` (200): classification goes on, jobs answer 503 until it recovers."""
     rt = get_runtime(request)
     problem = rt.problem()
     if problem is not None:
         return JSONResponse(error_body(problem.type, problem.message), status_code=problem.status,
                             headers=problem.headers)
-    assert rt.store is not None
+    ready = rt.ready
+    assert ready is not None  # problem() is None only once it is set
     redis_up = await rt.io.run(rt.redis.ping)
+    queue_ok = await rt.io.run(accepts_writes, rt.jobs_redis)
     policy, warning = await rt.io.run(queue_policy_warning, rt.jobs_redis)
     s = rt.settings
-    body = Ready(status="ready" if redis_up else "degraded", model=rt.store.backbone.name,
-                 weights_id=rt.store.backbone.weights_id, device=str(rt.store.backbone.device),
-                 redis="up" if redis_up else "down",
+    queue = "up" if queue_ok else ("refusing writes" if queue_ok is False else "down")
+    warnings = [warning] if warning else []
+    if queue_ok is False:
+        warnings.append("the job queue's Redis refuses writes (out of memory): fits, bases and large head "
+                        "alignments answer 503 until memory is freed")
+    body = Ready(status="ready" if redis_up and queue == "up" else "degraded", model=ready.model.name,
+                 weights_id=ready.model.weights_id, device=str(ready.model.backbone.device),
+                 redis="up" if redis_up else "down", queue=queue,
                  auth="open" if s.api_key is None and s.admin_api_key is None else "enabled",
-                 queue_maxmemory_policy=policy, warnings=[warning] if warning else [])
+                 queue_maxmemory_policy=policy, warnings=warnings)
     return JSONResponse(body.model_dump())
 
 

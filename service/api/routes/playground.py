@@ -1,10 +1,10 @@
-"""The playground: ``GET /`` serves one page (plain HTML, CSS and JavaScript under ``service/static``, no build step,
-nothing from the network) that calls this API: classify with bars per image, the exact per-unit explanation of a
+"""The playground: ``GET /`` serves one page (plain HTML, CSS and JavaScript under ``service/api/static``, no build
+step, nothing from the network) that calls this API: classify with bars per image, the exact per-unit explanation of a
 label as a layer x head heatmap, head spectra, and fits with live progress. The page is open (it holds no data);
 every API call it makes carries the key typed into its key field.
 
 ``/docs`` and ``/redoc`` serve Swagger UI and ReDoc from the ``fastapi-offline`` package (``FastAPIOffline`` in
-``service.main``). ReDoc's bundle shows a "Redocly" logo fetched from their CDN: ``/redoc`` here loads the package's
+``service.api.app``). ReDoc's bundle shows a "Redocly" logo fetched from their CDN: ``/redoc`` here loads the package's
 bundle through ``/docs-assets/redoc.standalone.js`` with that one address emptied (the logo then hides itself), so
 the page makes no request outside this server.
 """
@@ -20,8 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, Response
 
-from residual.tiny import tasks
-from service.deps import get_runtime
+from service import sources
+from service.api.deps import get_runtime
 
 router = APIRouter(include_in_schema=False)
 
@@ -39,12 +39,12 @@ def _template() -> str:
 async def playground(request: Request) -> HTMLResponse:
     rt = get_runtime(request)
     s = rt.settings
+    ready = rt.ready
     config = {
-        "model": rt.store.backbone.name if rt.store else s.model_name,
-        "weights_id": rt.store.backbone.weights_id if rt.store else "loading",
+        "model": ready.model.name if ready else s.model_name,
+        "weights_id": ready.model.weights_id if ready else "loading",
         "auth": "open" if s.api_key is None and s.admin_api_key is None else "keys",
-        "world_tasks": {name: {"classes": list(t.classes), "templates": list(t.templates)}
-                        for name, t in tasks.TASKS.items()},
+        "world_tasks": sources.world_tasks(),
     }
     blob = json.dumps(config).replace("<", "\\u003c")  # no "</script>" can end the data block early
     return HTMLResponse(_template().replace("__CONFIG__", blob), headers={"Content-Security-Policy": _CSP})

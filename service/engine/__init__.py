@@ -1,0 +1,1 @@
+"""The serving engine: the model and its owner thread, the batcher, the image pipeline, the text cache, head analyses."""

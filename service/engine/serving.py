@@ -1,0 +1,100 @@
+"""The serving engine of one API process, assembled: everything a route needs once the model has loaded.
+
+:func:`load` runs on the model owner (it loads and warms up the model, the one thread that runs every forward);
+:func:`start` then builds what needs the event loop (the batcher) and returns the :class:`Engine`, whose fields are
+never None, so routes use them without checks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from service.engine.batcher import Batcher
+from service.engine.heads import HeadConfig, HeadService
+from service.engine.model import ServingModel
+from service.engine.pipeline import ImagePipeline, decode_threads
+from service.engine.pools import ModelOwner, Pool
+from service.engine.text_cache import RedisState, TextCache
+from service.images import PixelBudget
+from service.metrics import Metrics
+from service.settings import Settings
+from service.stores.artifacts import ArtifactStore
+from service.stores.bases import BasisStore
+from service.stores.coefficients import CoefficientCache, CoefficientStore
+from service.stores.label_sets import LabelSetStore
+
+__all__ = ["Engine", "Loaded", "load", "start"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What the model owner builds (blocking): the model and the stores that are keyed by its weights."""
+
+    model: ServingModel
+    text: TextCache
+    bases: BasisStore
+    coefficients: CoefficientStore
+    label_sets: LabelSetStore
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The serving path of one model: model, text cache, image pipeline, batcher, head analyses and its stores."""
+
+    model: ServingModel
+    text: TextCache
+    images: ImagePipeline
+    batcher: Batcher
+    heads: HeadService
+    bases: BasisStore
+    coefficients: CoefficientStore
+    label_sets: LabelSetStore
+
+
+def load(settings: Settings, metrics: Metrics, owner: ModelOwner, redis_state: RedisState,
+         artifacts: ArtifactStore) -> Loaded:
+    """Blocking, on the model owner: load the model, warm it up (one image and one text forward)."""
+    model = ServingModel(settings)
+    bb = model.backbone
+
+    def encode(prompts: list[str]) -> torch.Tensor:  # every text forward runs on the model owner, chunk by chunk
+        return owner.call(model.encode_prompts, prompts)
+
+    text = TextCache(bb.weights_id, encode, redis_state, settings.text_cache_ttl_s, settings.label_set_cache_size,
+                     metrics, settings.text_cache_bytes)
+    model.warm_up()
+    bases = BasisStore(artifacts, bb, settings.reference_basis)
+    cache = CoefficientCache(settings.coefficient_cache_bytes, settings.coefficient_load_concurrency, metrics)
+    return Loaded(model=model, text=text, bases=bases,
+                  coefficients=CoefficientStore(artifacts, bb, model.ln, bases, cache, metrics),
+                  label_sets=LabelSetStore(artifacts, bb.weights_id))
+
+
+def start(loaded: Loaded, settings: Settings, metrics: Metrics, owner: ModelOwner, decode: Pool, analysis: Pool,
+          artifacts: ArtifactStore) -> Engine:
+    """On the event loop: the image pipeline, the batcher (started) and the head analyses around a loaded model."""
+    model, text = loaded.model, loaded.text
+    bb = model.backbone
+    device = bb.device.type
+    budget = PixelBudget(settings.max_decoding_pixels, metrics.decoding_pixels.set)
+    images = ImagePipeline(bb, decode, decode_threads(settings.decode_threads), settings.max_image_pixels,
+                           settings.image_pipeline, settings.max_request_pixels, budget)
+    batcher = Batcher(model.forward, owner, settings.batch_size_for(device), settings.max_wait_ms / 1000,
+                      settings.max_queue, settings.batching, metrics)
+    batcher.start()
+
+    def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
+        return text.class_embeddings(loaded.label_sets.id_of(texts, ["{}"]), texts, ["{}"])
+
+    config = HeadConfig(chunk=min(settings.batch_size_for(device), settings.max_queue),  # a chunk must fit the queue
+                        sample_images=settings.heads_sample_images, reference_images=settings.reference_basis_images,
+                        dictionary=settings.text_dictionary)
+    heads = HeadService(model, batcher.submit, owner, analysis, config, artifacts, loaded.bases, dictionary_embeddings,
+                        metrics.reference_basis_images.inc)
+    return Engine(model=model, text=text, images=images, batcher=batcher, heads=heads, bases=loaded.bases,
+                  coefficients=loaded.coefficients, label_sets=loaded.label_sets)
