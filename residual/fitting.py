@@ -207,7 +207,7 @@ def fit(
     best = snapshot()
     best_acc = _accuracy(val_design, params, val[1], class_emb, logit_scale.to(dev))
     best_epoch, since_best, history = 0, 0, [{"epoch": 0, "val_accuracy": best_acc}]
-    scale = logit_scale.to(dev).exp()
+    log_scale = logit_scale.to(dev)
     n = labels.numel()
     labels_dev = labels.to(dev)
     epoch = 0
@@ -220,7 +220,7 @@ def fit(
                 raise FitCancelledError("fit cancelled")
             idx = order[i : i + config.batch_size]
             y = design(idx, params)
-            logits = scale * F.normalize(y, dim=-1) @ class_emb.T  # (b, d) @ (d, C) -> (b, C)
+            logits = zero_shot_logits(y, class_emb, log_scale)  # (b, C): the classifier's one convention
             loss = F.cross_entropy(logits, labels_dev[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,1 +1,1 @@
-"""The serving engine: the model and its owner thread, the batcher, the image pipeline, the text cache, head analyses."""
+"""The serving engine: the model and its owner thread, the batcher, the image pipeline, text cache, head analyses."""
