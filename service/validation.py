@@ -1,16 +1,33 @@
 """Every string that comes from a client or an archive is checked the same way (label sets, dataset labels, archive
 class folders, embedding inputs): not empty, at most ``limit`` characters, valid UTF-8 (no lone surrogates), no
-control characters, no bidirectional overrides (text that displays other than it reads)."""
+control characters, no bidirectional overrides (text that displays other than it reads). Numbers follow JSON:
+``Integer`` is an int field of a strict request model that also takes 3.0 (JSON has one number type, and JSON
+Schema calls 3.0 an integer) but never "3", true or 3.5."""
 
 from __future__ import annotations
 
 import unicodedata
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 from service.errors import InvalidRequest
 
-__all__ = ["BIDI_CONTROLS", "clean_text", "text_from_bytes"]
+__all__ = ["BIDI_CONTROLS", "INTEGRAL", "Integer", "clean_text", "text_from_bytes"]
 
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+INTEGRAL = BeforeValidator(_integral)
+"""Marks an int of a strict model that also takes 3.0; the strict check still refuses "3", true and 3.5. In an
+optional field it goes after the bounds, ``Annotated[int, Field(ge=1), INTEGRAL] | None``: pydantic publishes bounds
+put on the union itself as "ge"/"le", which are not JSON Schema."""
+Integer = Annotated[int, INTEGRAL]
+"""A required or defaulted int field with ``INTEGRAL`` (bounds in its ``Field``)."""
 
 
 def _shown(text: str) -> str:

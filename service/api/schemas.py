@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from residual import VARIANT_INFO
 from service.jobs.specs import FitHyperparameters
 from service.sources import world_task_names
+from service.validation import INTEGRAL, Integer
 
 __all__ = ["BASIS_REF", "COEFFICIENT_REF", "DATASET_REF", "JOB_ID", "LABEL_SET_ID", "NAME", "VERSION", "Activate",
            "Alive", "AlignmentReport", "AlignmentRequest", "AlignmentSizes", "BasisDetail", "BasisList", "BasisOut",
@@ -83,8 +84,18 @@ class LabelSet(BaseModel):
                                                                                     "pattern": TEMPLATE}})
 
 
-ONE_LABEL_SET = {"not": {"required": ["label_set", "label_set_id"]}}
+def _given(name: str) -> dict[str, Any]:
+    """JSON schema: the field is present and not null (an explicit null means "not given")."""
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+ONE_LABEL_SET = {"not": {"allOf": [_given("label_set"), _given("label_set_id")]}}
 """label_set and label_set_id are alternatives: never both."""
+SOME_LABEL_SET = {"anyOf": [_given("label_set"), _given("label_set_id"), _given("coefficients")]}
+"""/classify: the label set is inline, by id, or the coefficient set's own."""
+FORM_LABEL_SET = {"dependentSchemas": {"label_set": {"properties": {"label_set_id": False}}},
+                  "anyOf": [{"required": [name]} for name in ("label_set", "label_set_id", "coefficients")]}
+"""The same two rules for a multipart form, whose parts are there or not (a part is never null)."""
 
 
 class ClassifyRequest(BaseModel):
@@ -92,8 +103,7 @@ class ClassifyRequest(BaseModel):
         "images": [f"data:image/png;base64,{_PNG_1PX}"],
         "label_set": {"classes": ["red", "green", "blue"], "templates": ["a photo of a {} object."]},
         "top_k": 2,
-    }], **ONE_LABEL_SET, "anyOf": [{"required": ["label_set"]}, {"required": ["label_set_id"]},
-                                   {"required": ["coefficients"]}]})
+    }], **ONE_LABEL_SET, **SOME_LABEL_SET})
 
     images: list[str] = Field(..., description="base64 strings or data URIs (PNG, JPEG, WebP, first GIF frame); "
                                                "line breaks inside are ignored",
@@ -103,12 +113,13 @@ class ClassifyRequest(BaseModel):
                                      json_schema_extra=_pattern(LABEL_SET_ID))
     coefficients: str | None = Field(None, description="coefficient set: NAME (active version) or NAME@VERSION",
                                      json_schema_extra=_pattern(COEFFICIENT_REF))
-    top_k: int | None = Field(None, ge=1, le=1000, description="labels per image (default from settings)")
+    top_k: Annotated[int, Field(ge=1, le=1000), INTEGRAL] | None = Field(
+        None, description="labels per image (default from settings)")
     scores: Literal["softmax", "cosine"] = Field(
         "softmax", description="'softmax': probabilities over the label set; 'cosine': the raw cosine between image "
                                "and class (independent per label, for multi-label use)")
-    explain: int | None = Field(
-        None, ge=1, le=100_000, description="k: each returned label also gets its logit (exp(logit_scale) * cos) "
+    explain: Annotated[int, Field(ge=1, le=100_000), INTEGRAL] | None = Field(
+        None, description="k: each returned label also gets its logit (exp(logit_scale) * cos) "
                                             "and the k units (emb, L<l>.MLP, L<l>.H<h>) with the largest "
                                             "|contribution| to it; with k >= the number of units (all of them) they "
                                             "sum to the logit")
@@ -211,9 +222,9 @@ class WorldSizes(BaseModel):
     """Images per split of a ``world:<task>`` fit."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    train: int = Field(2000, ge=10, le=50_000)
-    val: int = Field(500, ge=10, le=20_000)
-    test: int = Field(1000, ge=10, le=20_000)
+    train: Integer = Field(2000, ge=10, le=50_000)
+    val: Integer = Field(500, ge=10, le=20_000)
+    test: Integer = Field(1000, ge=10, le=20_000)
 
 
 def _variant_doc() -> str:
@@ -351,7 +362,7 @@ class BasisRequest(BaseModel):
     dataset: str = Field(..., description="an uploaded dataset id (labels are ignored), 'world:<task>' (that task's "
                                           "train split) or 'world:mixture' (the world's reference set)",
                          json_schema_extra=_pattern(BASIS_SOURCE))
-    max_images: int = Field(10_000, ge=2, le=200_000, description="images used (a dataset larger than this is "
+    max_images: Integer = Field(10_000, ge=2, le=200_000, description="images used (a dataset larger than this is "
                                                                   "subsampled evenly over its files)")
 
 
@@ -469,8 +480,8 @@ class HeadDetail(BaseModel):
 
 class AlignmentSizes(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    score: int = Field(500, ge=10, le=20_000, description="val-split images the heads are scored on")
-    eval: int = Field(1000, ge=10, le=20_000, description="test-split images of the ablation curve")
+    score: Integer = Field(500, ge=10, le=20_000, description="val-split images the heads are scored on")
+    eval: Integer = Field(1000, ge=10, le=20_000, description="test-split images of the ablation curve")
 
 
 class AlignmentRequest(BaseModel):
@@ -487,9 +498,9 @@ class AlignmentRequest(BaseModel):
                                           description="fractions of heads kept, each in (0, 1]; default: the "
                                                       "reference's top-k points k in {1, max(2, 1%), 5%, 10%, 25%, "
                                                       "50%, 75%} of the heads (floors)")
-    seeds: int = Field(10, ge=1, le=50, description="random head sets per fraction")
+    seeds: Integer = Field(10, ge=1, le=50, description="random head sets per fraction")
     ablation: Literal["mean", "zero"] = Field("mean", description="what an ablated unit becomes")
-    top: int = Field(5, ge=1, le=100, description="top heads listed per score")
+    top: Integer = Field(5, ge=1, le=100, description="top heads listed per score")
     basis: str | None = Field(None, description="the basis whose per-head spectrum (k_90, evr_1) the report puts "
                                                 "next to the scores: an id or name; default: the default basis",
                               json_schema_extra=_pattern(BASIS_REF))
@@ -545,7 +556,8 @@ class EmbeddingsRequest(BaseModel):
     input: str | list[str] = Field(..., description="texts, or images as base64 / data URIs with modality 'image'")
     modality: Literal["text", "image"] = "text"
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="accepted only when equal to the model's dimension")
+    dimensions: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
+        None, description="accepted only when equal to the model's dimension")
     user: str | None = Field(None, max_length=256, description="ignored (OpenAI compatibility)")
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from residual import FitConfig
 from service.sources import DatasetSource, MixtureSource, WorldTaskSource
+from service.validation import Integer
 
 __all__ = ["BASIS", "FIT", "HEADS", "KINDS", "AlignmentParams", "BasisJob", "FitHyperparameters", "FitJob",
            "HeadAlignmentJob", "JobSpec", "TraceContext", "parse"]
@@ -29,12 +30,12 @@ class FitHyperparameters(BaseModel):
     """Hyperparameters of a fit; each default is the library's (``residual.FitConfig``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    epochs: int = Field(_DEFAULTS.max_epochs, ge=1, le=200, description="at most this many epochs")
-    patience: int = Field(_DEFAULTS.patience, ge=1, le=200, description="early stopping on validation accuracy")
+    epochs: Integer = Field(_DEFAULTS.max_epochs, ge=1, le=200, description="at most this many epochs")
+    patience: Integer = Field(_DEFAULTS.patience, ge=1, le=200, description="early stopping on validation accuracy")
     lr: float | None = Field(_DEFAULTS.lr, gt=0, le=10, description="default 0.8 (lambdas) or 1e-3 (linear)")
-    batch_size: int = Field(_DEFAULTS.batch_size, ge=1, le=4096)
+    batch_size: Integer = Field(_DEFAULTS.batch_size, ge=1, le=4096)
     evr_threshold: float = Field(_DEFAULTS.evr_threshold, gt=0, lt=1, description="fine: components kept per head")
-    seed: int = Field(_DEFAULTS.seed, ge=0, le=MAX_SEED)
+    seed: Integer = Field(_DEFAULTS.seed, ge=0, le=MAX_SEED)
     val_fraction: float = Field(_DEFAULTS.val_fraction, gt=0, lt=1, description="validation share of the data "
                                                                                 "(uploaded datasets)")
 

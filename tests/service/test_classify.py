@@ -414,6 +414,24 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
             if route.path_format not in ("/livez", "/readyz", "/metrics"):
                 assert {"401", "503"} <= set(op["responses"]), (method, route.path)
     assert "HTTPValidationError" not in schemas
+    assert not _pydantic_keywords(spec), _pydantic_keywords(spec)  # bounds published as minimum/maximum
+
+
+def _pydantic_keywords(node: object, at: str = "") -> list[str]:
+    """Where the schema holds pydantic's names of bounds ("ge", "max_length", ...), which JSON Schema ignores."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("properties", "examples", "example"):  # property names and example values are free
+                items = value.items() if isinstance(value, dict) else []
+                found += [hit for k, v in items for hit in _pydantic_keywords(v, f"{at}/{key}/{k}")]
+                continue
+            if key in ("ge", "gt", "le", "lt", "min_length", "max_length", "multiple_of"):
+                found.append(f"{at}/{key}")
+            found += _pydantic_keywords(value, f"{at}/{key}")
+    elif isinstance(node, list):
+        found += [hit for i, v in enumerate(node) for hit in _pydantic_keywords(v, f"{at}/{i}")]
+    return found
 
 
 @pytest.mark.parametrize("variant", [None, "full", "fine", "linear"])

@@ -6,7 +6,9 @@ from too few images flagged in its listing.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import tarfile
 import textwrap
 from pathlib import Path
@@ -85,6 +87,39 @@ def test_classes_at_the_top_level_of_classify(client: TestClient) -> None:
     r = client.post("/classify", json={"images": [image], "label_set": {"classes": ["a"]}, "topk": 3})
     assert _message(r) == ("unknown field 'topk'; the fields are coefficients, explain, images, label_set, "
                            "label_set_id, scores, top_k")
+
+
+def test_numbers_follow_json_and_json_schema(client: TestClient) -> None:
+    """3.0 is the integer 3 (JSON has one number type; the schema's "integer" admits it); "3", true and 3.5 are
+    not integers, and null is "not given" for every optional field, the label set among them."""
+    image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+    body = {"images": [image], "label_set": {"classes": list(TASK.classes)}}
+    r = client.post("/classify", json={**body, "top_k": 2.0, "explain": 3.0})
+    assert r.status_code == 200, r.text
+    assert [len(res["top"]) for res in r.json()["results"]] == [2]
+    assert len(r.json()["results"][0]["top"][0]["contributions"]) == 3
+    for field, value in (("top_k", "2"), ("top_k", True), ("explain", 2.5)):
+        r = client.post("/classify", json={**body, field: value})
+        assert r.status_code == 422 and _message(r).startswith(f"{field}: Input should be a valid integer"), r.text
+    r = client.post("/classify", json={"images": [image], "label_set": None})
+    assert r.status_code == 422
+    assert _message(r) == "give label_set, label_set_id, or coefficients (whose label set is then used)"
+    r = client.post("/classify", json={**body, "label_set_id": None, "coefficients": None})
+    assert r.status_code == 200, r.text
+
+
+def test_a_label_set_inline_and_by_id_is_refused(client: TestClient) -> None:
+    image = tasks.task_images("colour", "test", n=1)[0][0]
+    labels = {"classes": list(TASK.classes)}
+    label_set_id = client.post("/label-sets", json=labels).json()["label_set_id"]
+    r = client.post("/classify", json={"images": [png_b64(image)], "label_set": labels, "label_set_id": label_set_id})
+    assert r.status_code == 422 and _message(r) == "give label_set or label_set_id, not both"
+    png = base64.b64decode(png_b64(image))
+    r = client.post("/classify", files=[("images", ("a.png", png, "image/png"))],
+                    data={"label_set": json.dumps(labels), "label_set_id": label_set_id})
+    assert r.status_code == 422 and _message(r) == "give label_set or label_set_id, not both"
+    r = client.post("/classify", json={"images": [png_b64(image)], "label_set": None, "label_set_id": label_set_id})
+    assert r.status_code == 200, r.text
 
 
 def test_a_dataset_that_is_not_an_id_mentions_world_tasks(client: TestClient) -> None:

@@ -29,7 +29,13 @@ from residual import (
 from service.api.auth import ApiKey
 from service.api.body import JsonBody, is_json, parse_model, read_form, validation_message
 from service.api.deps import Ready, ReadyDep, validate_label_set
-from service.api.schemas import COEFFICIENT_REF, LABEL_SET_ID, ONE_LABEL_SET, ClassifyRequest, ClassifyResponse
+from service.api.schemas import (
+    COEFFICIENT_REF,
+    FORM_LABEL_SET,
+    LABEL_SET_ID,
+    ClassifyRequest,
+    ClassifyResponse,
+)
 from service.errors import InvalidRequest, PayloadTooLarge, Timeout, UnsupportedMedia
 from service.images import decode_base64
 from service.stores.coefficients import LoadedCoefficients
@@ -143,9 +149,7 @@ def _answer(rt: Ready, body: ClassifyRequest, classes: list[str], ls_id: str, lo
                      "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
                      "scores": {"type": "string", "enum": ["softmax", "cosine"]},
                      "explain": {"type": "integer", "minimum": 1, "maximum": 100000}},
-                     "additionalProperties": False, **ONE_LABEL_SET,
-                     "anyOf": [{"required": ["label_set"]}, {"required": ["label_set_id"]},
-                               {"required": ["coefficients"]}]},
+                     "additionalProperties": False, **FORM_LABEL_SET},
                      "encoding": {"label_set": {"contentType": "application/json"}}}}}})
 async def classify(request: Request, rt: ReadyDep) -> Response:
     """Images as base64 JSON or multipart files; label set inline, by id, or the coefficient set's own.
