@@ -63,14 +63,14 @@ def _measure(url: str, seconds: float) -> dict[str, Any]:
     """The normal client: sequential classify requests for ``seconds``; latencies in ms and status counts."""
     body, headers = _normal_request()
     latencies: list[float] = []
-    statuses: Counter[int] = Counter()
+    statuses: Counter[str] = Counter()  # status -> count, keyed by str as in the JSON file
     stop = time.monotonic() + seconds
     with httpx.Client(base_url=url, timeout=120, headers=headers) as c:
         while time.monotonic() < stop:
             started = time.perf_counter()
             r = c.post("/classify", json=body)
             latencies.append(1000 * (time.perf_counter() - started))
-            statuses[r.status_code] += 1
+            statuses[str(r.status_code)] += 1
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
     return {"requests": len(latencies), "p50_ms": round(statistics.median(latencies), 1), "p95_ms": round(q[18], 1),
             "statuses": dict(statuses)}
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    ok = all(set(row["statuses"]) == {200} for row in result["rows"])
+    ok = all(set(row["statuses"]) == {"200"} for row in result["rows"])
     return 0 if ok else 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -18,14 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def api_server(redis_url: str, artifacts: Path, ready_timeout: float = 120,
+def api_server(redis_url: str, artifacts: Path, ready_timeout: float = 120, debug_log: Path | None = None,
                **settings: str) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
-    """An API replica as its own uvicorn process on a free loopback port: (client, process), once ready."""
+    """An API replica as its own uvicorn process on a free loopback port: (client, process), once ready.
+
+    With ``debug_log``, the process is tests/debug_server.py (asyncio in debug mode, every event-loop step over 50 ms
+    reported) and its stderr goes to that file; ``slow_callbacks`` reads the reports."""
     port = free_port()
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
                HF_HUB_OFFLINE="1", **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
-    proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env)
+    if debug_log is None:
+        proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port), "--log-level",
+                                 "warning"], cwd=ROOT, env=env)
+    else:
+        with open(debug_log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.debug_server", str(port)], cwd=ROOT, env=env,
+                                    stderr=err)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
 
@@ -47,6 +56,14 @@ def api_server(redis_url: str, artifacts: Path, ready_timeout: float = 120,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def slow_callbacks(debug_log: Path, start: int) -> list[dict[str, object]]:
+    """The slow-callback reports a debug server wrote to its log after byte ``start`` (``debug_log.stat().st_size``
+    taken when the measurement began)."""
+    with open(debug_log) as fh:
+        fh.seek(start)
+        return [json.loads(line) for line in fh if line.startswith('{"slow"')]
 
 
 @contextlib.contextmanager

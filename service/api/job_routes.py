@@ -23,10 +23,11 @@ JOB_ID_PARAM = Path(..., pattern=JOB_ID, description="the job id returned when t
 
 
 class JobIdConvertor(Convertor[str]):
-    """``{job_id:job}`` in a route's path matches job ids only, so ``/heads/alignment/<id>.png`` is never taken for
-    a job id by the status route (a DELETE there is a 405, not a 422)."""
+    """``{job_id:job}``: one path segment that does not end in ``.png``, so ``/heads/alignment/<id>.png`` is never
+    taken for a job id by the status route (a DELETE there is a 405, not a 422). Any other segment reaches the route,
+    whose pattern (``JOB_ID``) refuses a malformed id with a 422 that says so; a trailing '/' is redirected."""
 
-    regex = "[A-Za-z0-9-]{1,64}"
+    regex = r"[^/]+(?<!\.png)"
 
     def convert(self, value: str) -> str:
         return value

@@ -145,7 +145,7 @@ def test_attacks_smoke(tmp_path: Path) -> None:
     rows = {r["attack"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["none (baseline)", "unauthenticated_flood", "huge_images", "oversized_headers"]
     for row in rows.values():
-        assert set(row["statuses"]) == {200} and row["requests"] > 0  # the normal client was always answered
+        assert set(row["statuses"]) == {"200"} and row["requests"] > 0  # the normal client was always answered
         assert row["vs_baseline_p50"] == round(row["p50_ms"] / rows["none (baseline)"]["p50_ms"], 2)
     assert set(rows["unauthenticated_flood"]["attack_outcomes"]) == {"401"}
     assert set(rows["huge_images"]["attack_outcomes"]) == {"413"}

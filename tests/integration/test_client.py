@@ -6,7 +6,6 @@ import asyncio
 import io
 import subprocess
 import sys
-import tarfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from residual_client import APIError, AsyncClient, Client, JobFailed
 
 from residual import DEFAULT_TEMPLATES
 from residual.tiny import tasks
+from tests.pictures import world_archive
 from tests.processes import api_server, worker_process
 from tests.redis_server import start_private
 
@@ -146,19 +146,6 @@ def test_fit_wait_activate_and_roll_back(service: str) -> None:
         assert info.value.info["status"] == "cancelled"
 
 
-def _archive() -> bytes:
-    images, labels, _ = tasks.task_images("colour", "train", n=42)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for i, (a, lab) in enumerate(zip(images, labels, strict=True)):
-            png = io.BytesIO()
-            Image.fromarray(a).save(png, "PNG")
-            info = tarfile.TarInfo(f"{TASK.classes[lab]}/{i}.png")
-            info.size = len(png.getvalue())
-            tf.addfile(info, io.BytesIO(png.getvalue()))
-    return buf.getvalue()
-
-
 def test_async_client(service: str) -> None:
     """The async client does what the blocking one does, upload and fit included: a fit on an uploaded dataset
     without a label set takes the dataset's class folders and the default templates (issue 23.6)."""
@@ -168,7 +155,7 @@ def test_async_client(service: str) -> None:
             image = tasks.task_images("colour", "test", n=1)[0][0]
             out = await rs.classify([image], classes=list(TASK.classes))
             texts = await rs.embeddings("a green star")  # one string: one vector
-            dataset = await rs.upload_dataset(_archive())
+            dataset = await rs.upload_dataset(world_archive("colour", 42))
             job = await rs.fit("from-folders", dataset=dataset["dataset_id"], variant="coarse",
                                hyperparameters={"epochs": 1})
             done = await job.wait(timeout=300, poll_s=0.2)

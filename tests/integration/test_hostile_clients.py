@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from tests.attacks import (
     stalled_body,
     unauthenticated_body,
 )
-from tests.processes import ROOT, api_server, rss_mib, worker_process
+from tests.processes import api_server, rss_mib, slow_callbacks, worker_process
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import png_b64
 from tests.waiting import wait_for
@@ -64,55 +63,35 @@ def test_unauthenticated_floods_never_hold_the_event_loop(redis_server: RedisSer
     """Wrong-key requests announcing 16 MiB JSON bodies to every typed-body route, from 6 threads, while a normal
     client classifies: each is refused with 401 before its body is read (and its connection closed), the normal
     client gets 200s, and asyncio's slow-callback detector (50 ms) reports nothing."""
-    port = free_port()
     log = tmp_path / "slow.log"
-    env = dict(os.environ, RESIDUAL_REDIS_URL=redis_server.url, RESIDUAL_ARTIFACT_DIR=str(tmp_path),
-               RESIDUAL_DEVICE="cpu", HF_HUB_OFFLINE="1", RESIDUAL_API_KEY=API, RESIDUAL_ADMIN_API_KEY=ADMIN)
-    base = f"http://127.0.0.1:{port}"
-    with open(log, "w") as err:
-        server = subprocess.Popen([sys.executable, "-m", "tests.debug_server", str(port)], cwd=ROOT, env=env,
-                                  stderr=err)
-    try:
-        headers = {"Authorization": f"Bearer {API}"}
-        with httpx.Client(base_url=base, timeout=60, headers=headers) as c:
-            wait_for(lambda: _ready(c), 120, "the server to be ready")
-            image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
-            assert c.post("/classify", json={"images": [image], "label_set": LABELS}).status_code == 200  # warm
-            start = log.stat().st_size
-            routes = ["/v1/embeddings", "/label-sets", "/fit-alignment", "/bases", "/heads/alignment",
-                      "/coefficients/x/activate", "/classify"]
-            stop = threading.Event()
-            normal: list[int] = []
+    with api_server(redis_server.url, tmp_path, debug_log=log, api_key=API, admin_api_key=ADMIN) as (c, _):
+        base = str(c.base_url).rstrip("/")
+        c.headers["Authorization"] = f"Bearer {API}"
+        image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])
+        assert c.post("/classify", json={"images": [image], "label_set": LABELS}).status_code == 200  # warm
+        start = log.stat().st_size
+        routes = ["/v1/embeddings", "/label-sets", "/fit-alignment", "/bases", "/heads/alignment",
+                  "/coefficients/x/activate", "/classify"]
+        stop = threading.Event()
+        normal: list[int] = []
 
-            def classify_loop() -> None:
-                while not stop.is_set():
-                    normal.append(c.post("/classify", json={"images": [image], "label_set": LABELS}).status_code)
+        def classify_loop() -> None:
+            while not stop.is_set():
+                normal.append(c.post("/classify", json={"images": [image], "label_set": LABELS}).status_code)
 
-            worker = threading.Thread(target=classify_loop)
-            worker.start()
-            try:
-                with ThreadPoolExecutor(6) as pool:
-                    flood = list(pool.map(lambda i: unauthenticated_body(base, routes[i % len(routes)]), range(42)))
-            finally:
-                stop.set()
-                worker.join()
-        assert all(status == 401 for status, _, _ in flood), flood
-        assert all(closed for _, closed, _ in flood), "a refused request's connection stayed open"
-        assert normal and set(normal) == {200}, normal
-        with open(log) as fh:
-            fh.seek(start)
-            slow = [json.loads(line) for line in fh if line.startswith('{"slow"')]
-        assert slow == [], [s["what"] for s in slow[:5]]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
-def _ready(c: httpx.Client) -> bool:
-    try:
-        return c.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
+        worker = threading.Thread(target=classify_loop)
+        worker.start()
+        try:
+            with ThreadPoolExecutor(6) as pool:
+                flood = list(pool.map(lambda i: unauthenticated_body(base, routes[i % len(routes)]), range(42)))
+        finally:
+            stop.set()
+            worker.join()
+        slow = slow_callbacks(log, start)
+    assert all(status == 401 for status, _, _ in flood), flood
+    assert all(closed for _, closed, _ in flood), "a refused request's connection stayed open"
+    assert normal and set(normal) == {200}, normal
+    assert slow == [], [s["what"] for s in slow[:5]]
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------

@@ -7,19 +7,17 @@ from too few images flagged in its listing.
 from __future__ import annotations
 
 import base64
-import io
 import json
-import tarfile
 import textwrap
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from residual import Basis, init_coefficients
 from residual.basis import fit_basis
 from residual.tiny import tasks
 from residual.tiny.reference import shipped_basis_path
+from tests.pictures import world_archive
 from tests.service.conftest import png_b64
 
 TASK = tasks.TASKS["colour"]
@@ -122,6 +120,30 @@ def test_a_label_set_inline_and_by_id_is_refused(client: TestClient) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_a_method_a_path_does_not_take_is_405_with_allow(client: TestClient) -> None:
+    for method, path, allow in (("DELETE", "/classify", "POST"),
+                                ("PUT", "/fit-alignment/0f8e2a8c-4d7e", "DELETE, GET"),  # status and cancel
+                                ("DELETE", "/heads/alignment/0f8e2a8c-4d7e.png", "GET"),  # a picture, not a job
+                                ("POST", "/heads/2/1", "GET")):
+        r = client.request(method, path)
+        assert r.status_code == 405, (method, path, r.status_code, r.text)
+        assert r.headers["allow"] == allow, (method, path)
+        assert r.json()["error"]["type"] == "method_not_allowed", r.text
+
+
+def test_any_job_id_in_a_path_is_a_4xx(client: TestClient) -> None:
+    """Non-ASCII and percent-encoded bytes (a 500 before), a '.png' that is not a picture route's, a well-formed
+    unknown id."""
+    pattern = "path.job_id: String should match pattern '^[A-Za-z0-9-]{1,64}$'"
+    for path, status, message in (("/fit-alignment/%C3%BFZ", 422, pattern),
+                                  ("/bases/jobs/%FF%FE", 422, pattern),
+                                  ("/heads/alignment/a%00b", 422, pattern),
+                                  ("/fit-alignment/x.png", 404, "Not Found"),
+                                  ("/fit-alignment/0f8e2a8c-4d7e", 404, "unknown job 0f8e2a8c-4d7e")):
+        r = client.get(path)
+        assert (r.status_code, _message(r)) == (status, message), (path, r.text)
+
+
 def test_a_dataset_that_is_not_an_id_mentions_world_tasks(client: TestClient) -> None:
     r = client.post("/fit-alignment", json={"name": "x", "dataset": "my-pets"})
     assert r.status_code == 422
@@ -147,21 +169,8 @@ def test_base64_with_line_breaks_is_accepted(client: TestClient) -> None:
     assert r.status_code == 422 and _message(r).startswith("images[0] is not valid base64 or a base64 data URI")
 
 
-def _archive() -> bytes:
-    images, labels, _ = tasks.task_images("colour", "train", n=21)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for i, (a, lab) in enumerate(zip(images, labels, strict=True)):
-            png = io.BytesIO()
-            Image.fromarray(a).save(png, "PNG")
-            info = tarfile.TarInfo(f"{TASK.classes[lab]}/{i}.png")
-            info.size = len(png.getvalue())
-            tf.addfile(info, io.BytesIO(png.getvalue()))
-    return buf.getvalue()
-
-
 def test_datasets_take_a_multipart_file_or_say_how_to_upload(client: TestClient) -> None:
-    archive = _archive()
+    archive = world_archive("colour", 21)
     raw = client.post("/datasets", content=archive, headers={"content-type": "application/x-tar"})
     assert raw.status_code == 201, raw.text
     multipart = client.post("/datasets", files={"file": ("pets.tar", archive, "application/x-tar")})

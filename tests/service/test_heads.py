@@ -124,8 +124,9 @@ def test_inline_alignment_and_validation(client: TestClient) -> None:
         ({"dataset": "world:nope"}, 422, f"unknown world task 'nope'; choose from {tasks_list}"),
         ({"dataset": "world:colour", "label_set": {"classes": ["a", "b"]}}, 422,
          f"world task 'colour' has {len(tasks.TASKS['colour'].classes)} classes; the label set has 2"),
-        ({"dataset": "world:colour", "fractions": [0.0]}, 422, "fractions: Value error, every fraction must be in "
-                                                               "(0, 1]"),
+        ({"dataset": "world:colour", "fractions": [0.0]}, 422, "fractions.0: Input should be greater than 0"),
+        ({"dataset": "world:colour", "fractions": [0.5, 1.5]}, 422,
+         "fractions.1: Input should be less than or equal to 1"),
         ({"dataset": "world:colour", "label_set_id": "../../etc/passwd"}, 422,
          "label_set_id '../../etc/passwd' is not a label-set id (ls- followed by 20 hex digits)"),
         ({"dataset": "ds-00000000000000000000", "label_set": {"classes": ["a", "b"]}}, 404,

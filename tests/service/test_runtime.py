@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -26,11 +24,10 @@ from residual.tiny.reference import shipped_basis_path
 from service.api.app import create_app
 from service.engine.text_cache import TEXT_CHUNK
 from service.errors import BackendUnavailable
-from tests.redis_server import free_port
+from tests.processes import ROOT, api_server, slow_callbacks
 from tests.service.conftest import make_settings, metric, png_b64, wait_ready
 from tests.waiting import wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 LABELS = {"classes": list(tasks.TASKS["colour"].classes), "templates": list(tasks.TASKS["colour"].templates)}
 
 
@@ -158,17 +155,9 @@ def test_no_callback_holds_the_event_loop_over_50_ms_under_load(tmp_path: Path, 
     submissions and readiness. asyncio reports every step over 50 ms; the steady state must have none. Start-up and
     each request kind's first use (the head spectra, the dictionary) come before the measurement."""
     _write_sets(tmp_path, 1)
-    port = free_port()
     log = tmp_path / "slow.log"
-    env = dict(os.environ, RESIDUAL_REDIS_URL=redis_server.url, RESIDUAL_ARTIFACT_DIR=str(tmp_path),
-               RESIDUAL_DEVICE="cpu", HF_HUB_OFFLINE="1")
-    base = f"http://127.0.0.1:{port}"
-    with open(log, "w") as err:
-        server = subprocess.Popen([sys.executable, "-m", "tests.debug_server", str(port)], cwd=ROOT, env=env,
-                                  stderr=err)
-    try:
-        with httpx.Client(base_url=base, timeout=60) as c:
-            wait_for(lambda: _ready(c), 120, "the server to be ready")
+    with api_server(redis_server.url, tmp_path, debug_log=log) as (c, _):
+        base = str(c.base_url).rstrip("/")
         warm = subprocess.run([sys.executable, "-m", "tests.loadgen", base, "0", "warmup"], cwd=ROOT,
                               capture_output=True, text=True, timeout=300, check=True)
         assert set(json.loads(warm.stdout)) <= {200, 201, 202}, warm.stdout
@@ -176,22 +165,10 @@ def test_no_callback_holds_the_event_loop_over_50_ms_under_load(tmp_path: Path, 
         gens = [subprocess.Popen([sys.executable, "-m", "tests.loadgen", base, "12", kind], cwd=ROOT,
                                  stdout=subprocess.PIPE, text=True) for kind in ("classify", "admin")]
         codes = [code for g in gens for code in json.loads(g.communicate(timeout=300)[0])]
-        assert all(g.returncode == 0 for g in gens)
-        assert len(codes) > 30 and set(codes) <= {200, 201, 202}, sorted(set(codes))
-        with open(log) as fh:
-            fh.seek(start)
-            slow = [json.loads(line) for line in fh if line.startswith('{"slow"')]
-        assert slow == [], [s["what"] for s in slow[:5]]
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
-def _ready(c: httpx.Client) -> bool:
-    try:
-        return c.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
+        slow = slow_callbacks(log, start)
+    assert all(g.returncode == 0 for g in gens)
+    assert len(codes) > 30 and set(codes) <= {200, 201, 202}, sorted(set(codes))
+    assert slow == [], [s["what"] for s in slow[:5]]
 
 
 def test_stopping_a_pool_with_a_cancelled_queued_call() -> None:
