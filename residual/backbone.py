@@ -29,8 +29,8 @@ from torch import nn
 
 from residual.errors import UnsupportedModelError, WeightsError
 
-__all__ = ["EMBEDDED_MODELS", "Backbone", "Geometry", "HeadVisibleAttention", "load_backbone", "resize_crop",
-           "shipped_basis_path", "wrap_model"]
+__all__ = ["EMBEDDED_MODELS", "Backbone", "Geometry", "HeadVisibleAttention", "check_model", "load_backbone",
+           "resize_crop", "shipped_basis_path", "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +255,22 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def check_model(name: str, pretrained: str | os.PathLike[str] | None = None) -> None:
+    """Cheap checks before a load (no weights read): the architecture exists, a checkpoint path exists.
+
+    Raises:
+        UnsupportedModelError: ``name`` is neither an open_clip architecture nor an embedded model.
+        WeightsError: ``pretrained`` looks like a path (a separator or a suffix) and no such file exists.
+    """
+    _register_configs()
+    if name not in open_clip.list_models():
+        raise UnsupportedModelError(
+            f"unknown model {name!r}; use an open_clip architecture or one of {sorted(EMBEDDED_MODELS)}")
+    if pretrained is not None and pretrained != "random" and not Path(pretrained).exists() and (
+            os.sep in str(pretrained) or Path(pretrained).suffix):
+        raise WeightsError(f"checkpoint {pretrained} does not exist")
+
+
 def load_backbone(
     name: str,
     pretrained: str | os.PathLike[str] | None = None,
@@ -281,10 +297,7 @@ def load_backbone(
     """
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be 'fp32', 'fp16' or 'bf16', not {precision!r}")
-    _register_configs()
-    if name not in open_clip.list_models():
-        raise UnsupportedModelError(
-            f"unknown model {name!r}; use an open_clip architecture or one of {sorted(EMBEDDED_MODELS)}")
+    check_model(name, pretrained)
     if pretrained is None and name in EMBEDDED_MODELS:
         pretrained = EMBEDDED_MODELS[name]
         if not Path(pretrained).is_file():
@@ -293,9 +306,6 @@ def load_backbone(
     if pretrained == "random":
         pretrained = None
     torch_file = pretrained is not None and Path(pretrained).suffix in (".pt", ".pth", ".bin")
-    if pretrained is not None and not Path(pretrained).exists() and (os.sep in str(pretrained) or
-                                                                     Path(pretrained).suffix):
-        raise WeightsError(f"checkpoint {pretrained} does not exist")
     try:
         model = open_clip.create_model(
             name, pretrained=str(pretrained) if pretrained is not None else None, weights_only=True,

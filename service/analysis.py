@@ -22,7 +22,7 @@ __all__ = ["alignment_report", "heads_matrix"]
 def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torch.Tensor | None,
                      eval_labels: torch.Tensor | None, class_emb: torch.Tensor, bb: Backbone, classes: list[str],
                      label_set_id: str | None, dataset: str, params: dict[str, Any], split: str, basis: Basis,
-                     basis_ref: dict[str, Any]) -> dict[str, Any]:
+                     basis_ref: dict[str, Any], model: str | None = None) -> dict[str, Any]:
     """The alignment of every head with the label set (``units``: (n, U, d) of the scored images), the top-k
     ablation on ``eval_units`` (or stratified halves), the context, and each head's ``k_90`` and ``evr_1``."""
     g = bb.geometry
@@ -35,7 +35,7 @@ def alignment_report(units: torch.Tensor, labels: torch.Tensor, eval_units: torc
     for row in report["heads"]:
         r = spectrum[(row["layer"], row["head"])]
         row |= {"k_90": r.k_90, "evr_1": round(r.evr_1, 6)}
-    return {"model": bb.name, "weights_id": bb.weights_id, "classes": classes, "label_set_id": label_set_id,
+    return {"model": model or bb.name, "weights_id": bb.weights_id, "classes": classes, "label_set_id": label_set_id,
             "dataset": dataset, "basis": basis_ref, **report}
 
 

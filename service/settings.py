@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["PLACEHOLDER_MARKERS", "Settings", "get_settings"]
+__all__ = ["MODEL_NAME", "PLACEHOLDER_MARKERS", "ModelSpec", "Settings", "get_settings", "settings_or_exit"]
+
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A served model's name: what requests put in ``model`` (no ':' or '@', so ``<model>:<set>@<version>`` parses)."""
 
 MIN_KEY_CHARS = 16
 PLACEHOLDER_MARKERS = ("change-me", "changeme", "change_me", "changethis", "placeholder", "example", "replace-me",
                        "your-key", "secret", "password")
 """Substrings (case-insensitive) that mark a key as a placeholder copied from docs or manifests."""
+
+
+class ModelSpec(BaseModel):
+    """One served model (an entry of ``RESIDUAL_MODELS``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(..., pattern=MODEL_NAME, description="what requests name in `model`")
+    architecture: str = Field(..., min_length=1, description="open_clip architecture or embedded model name")
+    weights: str | None = Field(None, description="a checkpoint file or an open_clip pretrained tag; none: the "
+                                                  "embedded model's shipped weights (random for other architectures)")
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class Settings(BaseSettings):
@@ -27,6 +53,15 @@ class Settings(BaseSettings):
         None, description="local checkpoint (.safetensors or torch file); default: the embedded model's weights")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="parameter storage precision")
+    models: list[ModelSpec] | None = Field(
+        None, description='several models in one deployment, a JSON list of {"name", "architecture", "weights", '
+                          '"precision", "device"}; the first is the default. Unset: one model from model_name, '
+                          'model_weights, device and precision')
+    model_memory_bytes: PositiveInt | None = Field(
+        None, description="bytes of model parameters kept loaded per device: models load at start while they fit, "
+                          "the others on first use, and an idle model is unloaded (least recently used) to make "
+                          "room; the default model always stays. Unset: every model loads at start")
+    worker_models: PositiveInt = Field(2, description="models a worker keeps loaded (least recently used goes)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", repr=False,
                            description="Redis for the text-embedding cache (may hold a password: never printed)")
     queue_redis_url: str | None = Field(
@@ -81,9 +116,11 @@ class Settings(BaseSettings):
                                                               "in Kubernetes, where Prometheus scrapes the pod)")
 
     io_threads: PositiveInt = Field(8, description="threads for blocking file, Redis and decoding work per API process")
-    coefficient_cache_bytes: PositiveInt = Field(
-        512 * 1024 * 1024, description="bytes of loaded coefficient sets kept in memory (LRU; ~39 MB a set at "
-                                       "ViT-B/16)")
+    coefficient_cache_bytes: PositiveInt | None = Field(
+        None, description="bytes of loaded coefficient sets kept per model (LRU; a set is 0.85 MB at residual-tiny, "
+                          "~39 MB at ViT-B/16). Default: follows the device the sets live on, the model's: an eighth "
+                          "of the host memory on CPU (at least 512 MiB), a quarter of the GPU's on CUDA, shared by "
+                          "the models on that device")
     coefficient_load_concurrency: PositiveInt = Field(2, description="coefficient sets loaded at once")
     shutdown_timeout_s: PositiveFloat = Field(
         20.0, description="after SIGTERM: how long in-flight requests may finish before they are failed")
@@ -121,6 +158,20 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(
         None, description="Bearer key for routes that enqueue work or store data (None: open)")
 
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, v: list[ModelSpec] | None) -> list[ModelSpec] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("RESIDUAL_MODELS is an empty list; list at least one model or unset it")
+        seen: set[str] = set()
+        for spec in v:
+            if spec.name in seen:
+                raise ValueError(f"RESIDUAL_MODELS names {spec.name!r} twice; each model needs its own name")
+            seen.add(spec.name)
+        return v
+
     @field_validator("api_key", "admin_api_key")
     @classmethod
     def _real_key(cls, v: SecretStr | None) -> SecretStr | None:
@@ -136,6 +187,20 @@ class Settings(BaseSettings):
                              "generate one with `openssl rand -hex 32`")
         return v
 
+    def model_specs(self) -> list[ModelSpec]:
+        """The served models, the default first: ``models``, or the one model of the single-model settings."""
+        if self.models is not None:
+            return list(self.models)
+        return [ModelSpec(name=self.model_name, architecture=self.model_name, weights=self.model_weights,
+                          precision=self.precision, device=self.device)]
+
+    def coefficient_budget(self, device: str, models_on_device: int = 1) -> int:
+        """``coefficient_cache_bytes``, or the default of ``device`` ("cpu", "cuda", "cuda:1") shared by
+        ``models_on_device``."""
+        if self.coefficient_cache_bytes is not None:
+            return self.coefficient_cache_bytes
+        return max(512 * 2**20, _device_bytes(device) // (4 if device.startswith("cuda") else 8)) // max(
+            1, models_on_device)
 
     def batch_size_for(self, device_type: str) -> int:
         """max_batch_size, or the default of the device (64 on CPU, 256 on CUDA)."""
@@ -146,6 +211,36 @@ class Settings(BaseSettings):
         return self.queue_redis_url or self.redis_url
 
 
+def _device_bytes(device: str) -> int:
+    """Memory of a device: the GPU's total, or the host's (the cgroup limit when lower: a pod's)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            host = min(host, int(limit))
+    except OSError:
+        pass
+    return int(host)
+
+
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_or_exit(prog: str) -> Settings:
+    """The settings, or exit 2 with one line per invalid setting (the start of ``residual-serve`` and
+    ``residual-worker``: a bad ``RESIDUAL_MODELS`` entry is named, never a traceback)."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            head, *rest = err["loc"] or ("?",)
+            where = f"RESIDUAL_{str(head).upper()}" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+            print(f"{prog}: invalid setting {where}: {err['msg']}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2) from None

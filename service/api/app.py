@@ -45,10 +45,11 @@ from service.api.routes import (
     playground,
 )
 from service.api.schemas import DATASET_REF, ErrorBody, HeadJobAccepted, InlineDataset
-from service.engine import serving
 from service.engine.pipeline import decode_threads
-from service.engine.pools import ModelOwner, Pool
+from service.engine.pools import Pool
+from service.engine.registry import ModelRegistry
 from service.engine.text_cache import RedisState
+from service.errors import ServiceError
 from service.jobs import queue
 from service.metrics import JobsCollector, Metrics
 from service.settings import Settings, get_settings
@@ -57,24 +58,6 @@ from service.stores.artifacts import ArtifactStore
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
-
-
-def _load(rt: Runtime) -> serving.Loaded | None:
-    """Blocking, on the model owner: load and warm up the model (readiness flips once the engine starts)."""
-    s = rt.settings
-    try:
-        loaded = serving.load(s, rt.metrics, rt.owner, rt.redis, rt.artifacts)
-    except Exception as exc:  # noqa: BLE001 - reported by /readyz, logged with traceback
-        logger.exception("model load failed")
-        rt.load_error = f"{type(exc).__name__}: {exc}"
-        return None
-    _, warning = queue.queue_policy_warning(rt.jobs_redis)
-    if warning:
-        logger.warning("%s", warning)
-    bb = loaded.model.backbone
-    logger.info("model %s (%s) ready on %s; auth %s", bb.name, bb.weights_id, bb.device,
-                "open (no API keys configured)" if s.api_key is None and s.admin_api_key is None else "enabled")
-    return loaded
 
 
 def _sweep(rt: Runtime) -> None:
@@ -87,34 +70,48 @@ def _sweep(rt: Runtime) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
-    runtime = Runtime(settings=settings, metrics=metrics,
-                      redis=RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics,
-                                       settings.cache_high_water),
+    redis_state = RedisState(settings.redis_url, settings.redis_timeout_s, settings.redis_retry_s, metrics,
+                             settings.cache_high_water)
+    artifacts = ArtifactStore(settings.artifact_dir)
+    analysis, decode = Pool(2, "analysis"), Pool(decode_threads(settings.decode_threads), "decode")
+    runtime = Runtime(settings=settings, metrics=metrics, redis=redis_state,
                       jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
                                                       socket_connect_timeout=1.0),
-                      owner=ModelOwner(), io=Pool(settings.io_threads, "io"), analysis=Pool(2, "analysis"),
-                      decode=Pool(decode_threads(settings.decode_threads), "decode"),
-                      artifacts=ArtifactStore(settings.artifact_dir))
+                      models=ModelRegistry(settings, metrics, redis_state, artifacts, decode, analysis),
+                      io=Pool(settings.io_threads, "io"), analysis=analysis, decode=decode, artifacts=artifacts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.loop = asyncio.get_running_loop()
         memory.configure()
 
+        def default_ready() -> None:
+            """The default model is loaded: the routes serve from now on (the other models go on loading)."""
+            # the start-up heap (torch, open_clip, the default model, the schemas) never becomes garbage: move it out
+            # of the collector's reach, so later full collections scan only what requests allocate and stay short (a
+            # long collection in any thread holds the GIL and stalls the event loop). Models loaded later stay
+            # collectable: an unloaded model's memory must come back.
+            gc.freeze()
+            engine = runtime.models.default_engine()
+            if engine is None or runtime.draining:
+                return
+            runtime.ready = Ready(settings=settings, metrics=metrics, io=runtime.io, analysis=runtime.analysis,
+                                  artifacts=runtime.artifacts, datasets=runtime.datasets(),
+                                  jobs_redis=runtime.jobs_redis, redis=runtime.redis, models=runtime.models,
+                                  engine=engine)
+            logger.info("serving %s; auth %s", ", ".join(runtime.models.names),
+                        "open (no API keys configured)" if settings.api_key is None and settings.admin_api_key is None
+                        else "enabled")
+
         async def start() -> None:
             await runtime.io.run(_sweep, runtime)
-            loaded = await runtime.owner.run(_load, runtime)
-            # the start-up heap (torch, open_clip, the model, the schemas) never becomes garbage: move it out of the
-            # collector's reach, so later full collections scan only what requests allocate and stay short (a long
-            # collection in any thread holds the GIL and stalls the event loop)
-            gc.freeze()
-            if loaded is None or runtime.draining:
-                return
-            engine = serving.start(loaded, settings, metrics, runtime.owner, runtime.decode, runtime.analysis,
-                                   runtime.artifacts)
-            runtime.ready = Ready(settings=settings, metrics=metrics, io=runtime.io, analysis=runtime.analysis,
-                                  owner=runtime.owner, artifacts=runtime.artifacts, datasets=runtime.datasets(),
-                                  jobs_redis=runtime.jobs_redis, redis=runtime.redis, engine=engine)
+            _, warning = await runtime.io.run(queue.queue_policy_warning, runtime.jobs_redis)
+            if warning:
+                logger.warning("%s", warning)
+            try:
+                await runtime.models.start(default_ready)
+            except ServiceError:  # the default model failed to load: /readyz and every route say why
+                gc.freeze()
 
         starter = asyncio.create_task(start())
         try:
@@ -122,9 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             runtime.draining = True
             starter.cancel()
-            if runtime.ready is not None:
-                await runtime.ready.batcher.stop()
-            runtime.owner.stop()
+            await runtime.models.stop()
             runtime.io.stop()
             runtime.analysis.stop()
             runtime.decode.stop()

@@ -1,20 +1,23 @@
 """What routes depend on: the process runtime, its ready view, and the validation of label sets and sources.
 
 :class:`Runtime` is what the lifespan builds for one API process (settings, pools, Redis clients, the artifact
-store) plus, once the model has loaded, a :class:`Ready` view whose fields are never None: routes declare
-``rt: ReadyDep`` and use ``rt.model``, ``rt.batcher``, ... without checks. ``Runtime.problem`` is the one predicate
-``/readyz`` and every route answer 503 with.
+store, the served models) plus, once the default model has loaded, a :class:`Ready` view whose fields are never
+None: routes declare ``rt: ReadyDep`` and use ``rt.model``, ``rt.batcher``, ... without checks. The view is bound to
+the default model; ``rt = await rt.use(body.model)`` binds it to the model a request names (404 for an unknown
+one, loading it when it is not resident) and holds a lease on that model until the request ends, so it is never
+unloaded under a request. ``Runtime.problem`` is the one predicate ``/readyz`` and every route answer 503 with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 import redis
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from residual import DEFAULT_TEMPLATES
 from service import sources
@@ -24,11 +27,12 @@ from service.engine.heads import HeadService
 from service.engine.model import ServingModel
 from service.engine.pipeline import ImagePipeline
 from service.engine.pools import ModelOwner, Pool
+from service.engine.registry import ModelRegistry
 from service.engine.serving import Engine
 from service.engine.text_cache import RedisState, TextCache
 from service.errors import BackendUnavailable, InvalidRequest, NotReady, PayloadTooLarge, ServiceError, ShuttingDown
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import MODEL_NAME, Settings
 from service.stores.artifacts import ArtifactStore
 from service.stores.bases import BasisStore
 from service.stores.coefficients import CoefficientStore
@@ -38,24 +42,40 @@ from service.validation import clean_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Ready", "ReadyDep", "Runtime", "get_runtime", "label_set_from", "source_and_label_set",
+__all__ = ["ModelQuery", "Ready", "ReadyDep", "Runtime", "get_runtime", "label_set_from", "source_and_label_set",
            "validate_label_set"]
 
 
 @dataclass(frozen=True)
 class Ready:
-    """A loaded API process: every field is set."""
+    """A loaded API process, bound to one served model (``engine``): every field is set."""
 
     settings: Settings
     metrics: Metrics
     io: Pool  # short blocking work: files, Redis, decoding, JSON bodies, the fused matmul, responses
     analysis: Pool  # long head analyses and pictures, kept apart so they never starve io
-    owner: ModelOwner  # the one thread that runs every forward of the model
     artifacts: ArtifactStore
     datasets: DatasetStore
     jobs_redis: redis.Redis
     redis: RedisState
+    models: ModelRegistry
     engine: Engine
+    leases: list[Engine] = field(default_factory=list)  # engines this request acquired (released at its end)
+
+    async def use(self, model: str | None) -> Ready:
+        """This view bound to ``model`` (None: the default model): 404 unknown, 503 while it cannot serve; it is
+        loaded first when it is not resident, and leased until the request ends."""
+        name = model if model is not None else self.models.default
+        if name == self.engine.model.name:
+            return self
+        engine = await self.models.acquire(name)
+        self.leases.append(engine)
+        return replace(self, engine=engine)
+
+    @property
+    def owner(self) -> ModelOwner:
+        """The one thread that runs every forward of this model."""
+        return self.engine.owner
 
     @property
     def model(self) -> ServingModel:
@@ -101,13 +121,12 @@ class Runtime:
     metrics: Metrics
     redis: RedisState
     jobs_redis: redis.Redis
-    owner: ModelOwner
+    models: ModelRegistry
     io: Pool
     analysis: Pool
     decode: Pool  # image decoding and preprocessing, one thread per core
     artifacts: ArtifactStore
     ready: Ready | None = None
-    load_error: str | None = None
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once the lifespan runs
 
@@ -136,11 +155,9 @@ class Runtime:
         timeout would cut their connections.
         """
         logger.warning("shutdown deadline reached: failing in-flight work")
-        if self.ready is not None:
-            self.ready.batcher.fail_pending(BackendUnavailable("the service is shutting down"))
-        # running calls too: a request waiting on a long chunk (a basis, an encoding) is answered now, not when the
-        # chunk ends on a loaded machine (after uvicorn would have cut its connection)
-        self.owner.stop(fail_running=True)
+        # queued batches of every model, and running calls too: a request waiting on a long chunk (a basis, an
+        # encoding) is answered now, not when the chunk ends on a loaded machine (after uvicorn would have cut it)
+        self.models.fail_in_flight(BackendUnavailable("the service is shutting down"))
         self.analysis.stop(fail_running=True)
         self.decode.stop(fail_running=True)
 
@@ -148,12 +165,12 @@ class Runtime:
         """Why this replica cannot serve now, or None. ``/readyz`` and every route use exactly this predicate."""
         if self.draining:
             return ShuttingDown("the service is shutting down; retry on another replica", headers={"Retry-After": "5"})
+        problem = self.models.problem()  # the default model: loading, failed, its batcher restarting
+        if problem is not None:
+            return problem
         if self.ready is None:
-            return NotReady("the model is still loading" if self.load_error is None else
-                            f"the model failed to load: {self.load_error}", headers={"Retry-After": "5"})
-        if not self.ready.batcher.healthy:
-            return NotReady("the batcher is restarting", headers={"Retry-After": "1"})
-        if not (self.owner.alive and self.io.alive and self.analysis.alive and self.decode.alive):
+            return NotReady("the service is starting", headers={"Retry-After": "5"})
+        if not (self.io.alive and self.analysis.alive and self.decode.alive):
             return NotReady("a worker thread pool is down", headers={"Retry-After": "5"})
         return None
 
@@ -163,16 +180,27 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-async def ready_runtime(request: Request) -> Ready:
+async def ready_runtime(request: Request) -> AsyncIterator[Ready]:
+    """The process's ready view for one request, bound to the default model; the models the request went on to
+    use (:meth:`Ready.use`) are released when it ends."""
     runtime = get_runtime(request)
     problem = runtime.problem()
     if problem is not None:
         raise problem
     assert runtime.ready is not None  # problem() is None only when it is set
-    return runtime.ready
+    view = replace(runtime.ready, leases=[])
+    try:
+        yield view
+    finally:
+        for engine in view.leases:
+            runtime.models.release(engine)
 
 
 ReadyDep = Annotated[Ready, Depends(ready_runtime)]
+
+ModelQuery: Any = Query(None, pattern=MODEL_NAME, description="the served model (GET /v1/models lists them); "
+                                                             "default: the first of RESIDUAL_MODELS")
+"""``?model=`` of the read routes."""
 
 
 # ---- label sets -----------------------------------------------------------------------------------------------------

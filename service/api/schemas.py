@@ -14,10 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from residual import VARIANT_INFO
 from service.jobs.specs import FitHyperparameters
+from service.settings import MODEL_NAME
 from service.sources import world_task_names
 from service.validation import INTEGRAL, Integer
 
-__all__ = ["BASIS_REF", "COEFFICIENT_REF", "DATASET_REF", "JOB_ID", "LABEL_SET_ID", "NAME", "VERSION", "Activate",
+__all__ = ["BASIS_REF", "COEFFICIENT_REF", "DATASET_REF", "JOB_ID", "LABEL_SET_ID", "MODEL_NAME", "NAME", "VERSION",
+           "Activate", "LabelSetRequest", "ModelState",
            "Alive", "AlignmentReport", "AlignmentRequest", "AlignmentSizes", "BasisDetail", "BasisList", "BasisOut",
            "BasisRef", "BasisRequest", "BasisUnit", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary",
            "CoefficientSets", "CoefficientVersion", "CoefficientVersions", "Contribution", "DatasetInfo",
@@ -54,6 +56,11 @@ IMAGE = r"^(data:[A-Za-z0-9/+.-]*(;[A-Za-z0-9=.-]+)*;base64,)?[A-Za-z0-9+/=\s]*[
 def _pattern(pattern: str) -> dict[str, Any]:
     """Schema-only pattern: documented for outside tools, checked in code with a message that says what to send."""
     return {"pattern": pattern}
+
+
+def _model_field() -> Any:
+    return Field(None, description="the served model to use (GET /v1/models lists them); default: the first of "
+                                   "RESIDUAL_MODELS", json_schema_extra=_pattern(MODEL_NAME))
 
 
 class ErrorBody(BaseModel):
@@ -105,6 +112,7 @@ class ClassifyRequest(BaseModel):
         "top_k": 2,
     }], **ONE_LABEL_SET, **SOME_LABEL_SET})
 
+    model: str | None = _model_field()
     images: list[str] = Field(..., description="base64 strings or data URIs (PNG, JPEG, WebP, first GIF frame); "
                                                "line breaks inside are ignored",
                               json_schema_extra={"minItems": 1, "items": {"type": "string", "pattern": IMAGE}})
@@ -167,15 +175,28 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult] = Field(..., description="one entry per input image, in input order")
 
 
+class LabelSetRequest(LabelSet):
+    """A label set to register, for one served model (its id hashes that model's weights)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "examples": [{"classes": ["circle", "square", "triangle"], "templates": ["a photo of a {}."]}]})
+
+    model: str | None = _model_field()
+
+
 class LabelSetCreated(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"label_set_id": "ls-0123456789abcdef0123"}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "residual-tiny",
+                                                              "label_set_id": "ls-0123456789abcdef0123"}]})
+    model: str = Field(..., description="the model the label set belongs to")
     label_set_id: str
 
 
 class LabelSetOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "label_set_id": "ls-0123456789abcdef0123", "classes": ["cat", "dog"], "templates": ["a photo of a {}."]}]})
+        "model": "residual-tiny", "label_set_id": "ls-0123456789abcdef0123", "classes": ["cat", "dog"],
+        "templates": ["a photo of a {}."]}]})
 
+    model: str
     label_set_id: str
     classes: list[str]
     templates: list[str]
@@ -188,6 +209,20 @@ class Alive(BaseModel):
     status: Literal["alive"] = Field(..., description="always 'alive'")
 
 
+class ModelState(BaseModel):
+    name: str
+    architecture: str
+    state: Literal["not loaded", "loading", "ready", "failed", "unloaded"] = Field(
+        ..., description="'not loaded' / 'unloaded': loads on first use (memory budget); 'failed': the last load "
+                         "failed (a request tries again)")
+    resident: bool = Field(..., description="loaded in this process now")
+    default: bool
+    device: str
+    weights_id: str | None = Field(..., description="known once the model has loaded")
+    bytes: int | None = Field(..., description="parameters and buffers, measured at its first load")
+    error: str | None = None
+
+
 class Ready(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "status": "ready", "model": "residual-tiny", "weights_id": "sha256:0123456789abcdef", "device": "cpu",
@@ -195,9 +230,11 @@ class Ready(BaseModel):
 
     status: Literal["ready", "degraded"] = Field(..., description="'ready', or 'degraded' when a Redis is down or the "
                                                                   "queue refuses writes (still 200)")
-    model: str
+    model: str = Field(..., description="the default model (ready: the replica is ready when it is)")
     weights_id: str
     device: str
+    models: list[ModelState] = Field(default_factory=list, description="every served model and its state (a model "
+                                                                       "still loading is reported, not fatal)")
     redis: Literal["up", "down"] = Field(..., description="the text cache's Redis")
     queue: Literal["up", "down", "refusing writes"] = Field(
         ..., description="the job queue's Redis: 'refusing writes' when it is full (jobs answer 503)")
@@ -255,11 +292,14 @@ class FitRequest(BaseModel):
                        json_schema_extra=_pattern(BASIS_REF))
     activate: bool = Field(True, description="make the result the active version when the fit ends, unless the "
                                              "active version changed while the job ran (e.g. a rollback)")
+    model: str | None = _model_field()
 
 
 class JobAccepted(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"job_id": "0f8e2a8c-4d7e-4b53-9d2a-3c5b0b8e9a11", "status_url": "/fit-alignment/0f8e2a8c-..."}]})
+        {"model": "residual-tiny", "job_id": "0f8e2a8c-4d7e-4b53-9d2a-3c5b0b8e9a11",
+         "status_url": "/fit-alignment/0f8e2a8c-..."}]})
+    model: str = Field(..., description="the model the job runs with")
     job_id: str
     status_url: str
 
@@ -282,6 +322,8 @@ class JobInfo(BaseModel):
     job_id: str
     kind: Literal["fit-alignment", "head-alignment", "basis"]
     name: str | None
+    model: str | None = Field(None, description="the model the job runs with (null: jobs enqueued before models "
+                                                "had names, which run with the default)")
     status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"] = Field(
         ..., description="'cancelling': a cancel was accepted and the job stops at its next batch or chunk")
     progress: dict[str, Any] = Field(default_factory=dict, description="phase, fraction, epoch, val_accuracy, "
@@ -326,6 +368,7 @@ class CoefficientVersion(BaseModel):
 
 
 class CoefficientVersions(BaseModel):
+    model: str = Field(..., description="the model whose versions these are")
     name: str
     active: str | None
     versions: list[CoefficientVersion]
@@ -338,6 +381,7 @@ class CoefficientSetSummary(BaseModel):
 
 
 class CoefficientSets(BaseModel):
+    model: str = Field(..., description="the model whose coefficient sets these are")
     coefficient_sets: list[CoefficientSetSummary]
 
 
@@ -364,6 +408,7 @@ class BasisRequest(BaseModel):
                          json_schema_extra=_pattern(BASIS_SOURCE))
     max_images: Integer = Field(10_000, ge=2, le=200_000, description="images used (a dataset larger than this is "
                                                                   "subsampled evenly over its files)")
+    model: str | None = _model_field()
 
 
 class BasisOut(BasisRef):
@@ -395,7 +440,8 @@ class DefaultBasis(BaseModel):
 
 
 class BasisList(BaseModel):
-    weights_id: str = Field(..., description="the served weights")
+    model: str = Field(..., description="the model whose bases these are")
+    weights_id: str = Field(..., description="its weights")
     default: DefaultBasis
     bases: list[BasisOut] = Field(..., description="newest first")
 
@@ -504,6 +550,7 @@ class AlignmentRequest(BaseModel):
     basis: str | None = Field(None, description="the basis whose per-head spectrum (k_90, evr_1) the report puts "
                                                 "next to the scores: an id or name; default: the default basis",
                               json_schema_extra=_pattern(BASIS_REF))
+    model: str | None = _model_field()
 
 
 class HeadScore(BaseModel):
@@ -552,7 +599,7 @@ class EmbeddingsRequest(BaseModel):
 
     model: str | None = Field(None, min_length=1, max_length=200,
                               description="'<model>' or '<model>:<coefficient set>[@version]' (GET /v1/models); "
-                                          "default: the served model")
+                                          "default: the default model")
     input: str | list[str] = Field(..., description="texts, or images as base64 / data URIs with modality 'image'")
     modality: Literal["text", "image"] = "text"
     encoding_format: Literal["float", "base64"] = "float"

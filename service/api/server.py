@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -28,7 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.errors import error_body
-from service.settings import Settings
+from service.settings import Settings, settings_or_exit
 
 __all__ = ["ConnectionLimits", "LimitedProtocol", "Server", "main", "server_config"]
 
@@ -194,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app()
+    settings = settings_or_exit("residual-serve")
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # a RESIDUAL_MODELS entry that names no architecture or no checkpoint
+        print(f"residual-serve: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     runtime = app.state.runtime
     Server(server_config(app, runtime.settings, args.host, args.port, args.log_level), runtime.begin_drain).run()
     return 0

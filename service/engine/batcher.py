@@ -28,7 +28,7 @@ import torch
 from residual.decomposition import RawFeatures
 from service.engine.pools import ModelOwner
 from service.errors import BackendUnavailable, Overloaded, PayloadTooLarge
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 
 __all__ = ["Batcher"]
 
@@ -47,7 +47,7 @@ class _Item:
 
 class Batcher:
     def __init__(self, forward: ForwardFn, owner: ModelOwner, max_batch: int, max_wait_s: float, max_queue: int,
-                 enabled: bool, metrics: Metrics, restart_delay_s: float = 1.0) -> None:
+                 enabled: bool, metrics: ModelMetrics, restart_delay_s: float = 1.0) -> None:
         self.forward = forward
         self.owner = owner
         self.max_batch = max_batch

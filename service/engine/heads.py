@@ -126,7 +126,7 @@ class HeadService:
                 sample = await self.sample(info)
                 rows = await self.io.run(unit_spectra, basis, sample, 32)
                 self._spectra[info.basis_id] = {
-                    "model": self.bb.name, "weights_id": self.bb.weights_id, "basis": info.ref(),
+                    "model": self.model.name, "weights_id": self.bb.weights_id, "basis": info.ref(),
                     "basis_hash": basis.hash, "basis_samples": basis.n_samples,
                     "twonn_samples": 0 if sample is None else int(sample.shape[0]),
                     "geometry": {"layers": self.bb.geometry.layers, "heads": self.bb.geometry.heads,
@@ -193,7 +193,8 @@ class HeadService:
         s_units = await self.units(s_pix)
         e_units = await self.units(e_pix) if e_pix is not None else None
         return await self.io.run(alignment_report, s_units, s_lab, e_units, e_lab, class_emb, self.bb, classes,
-                                 label_set_id, sources.source_name(source), params, split, basis, info.ref())
+                                 label_set_id, sources.source_name(source), params, split, basis, info.ref(),
+                                 self.model.name)
 
 
 _NO_SAMPLE = ("the images behind this basis are not in the artifact store (it was built elsewhere), so there is no "

@@ -11,21 +11,31 @@ import torch
 
 from residual import LinearisedLN, RawFeatures, extract, load_backbone
 from residual.backbone import Backbone
-from service.settings import Settings
+from service.settings import ModelSpec
 
-__all__ = ["ServingModel"]
+__all__ = ["ServingModel", "model_bytes"]
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what loading it costs on its device)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
 
 class ServingModel:
-    def __init__(self, settings: Settings) -> None:
-        device = None if settings.device == "auto" else settings.device
-        self.backbone: Backbone = load_backbone(settings.model_name, settings.model_weights, device=device,
-                                                precision=settings.precision)
+    """One served model: ``name`` is what requests call it (``RESIDUAL_MODELS``), the backbone its architecture."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        device = None if spec.device == "auto" else spec.device
+        self.spec = spec
+        self.backbone: Backbone = load_backbone(spec.architecture, spec.weights, device=device,
+                                                precision=spec.precision)
         self.ln = LinearisedLN(self.backbone)
+        self.nbytes = model_bytes(self.backbone.model)
         self.text_forwards = 0
 
     @property
     def name(self) -> str:
-        return self.backbone.name
+        return self.spec.name
 
     @property
     def weights_id(self) -> str:

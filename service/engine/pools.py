@@ -131,10 +131,10 @@ class Pool:
 
 
 class ModelOwner(Pool):
-    """The single thread that runs every forward of the serving model."""
+    """The single thread that runs every forward of one served model."""
 
-    def __init__(self) -> None:
-        super().__init__(1, "model")
+    def __init__(self, model: str = "model") -> None:
+        super().__init__(1, f"model-{model}")
 
     def check_running(self) -> None:
         """For long chunked work: stop between chunks once the service is shutting down."""

@@ -1,13 +1,16 @@
-"""The serving engine of one API process, assembled: everything a route needs once the model has loaded.
+"""The serving engine of one model, assembled: everything a route needs once that model has loaded.
 
-:func:`load` runs on the model owner (it loads and warms up the model, the one thread that runs every forward);
-:func:`start` then builds what needs the event loop (the batcher) and returns the :class:`Engine`, whose fields are
-never None, so routes use them without checks.
+:func:`load` runs on the model's owner (it loads and warms up the model; the owner is the one thread that runs every
+forward of that model); :func:`start` then builds what needs the event loop (the batcher) and returns the
+:class:`Engine`, whose fields are never None, so routes use them without checks. Each served model has its own
+engine (``service.engine.registry``): its own owner thread, batcher, image pipeline (the model's input size) and
+text-cache keys (its weights id), so a slow or failing model never holds up another.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +22,13 @@ from service.engine.pipeline import ImagePipeline, decode_threads
 from service.engine.pools import ModelOwner, Pool
 from service.engine.text_cache import RedisState, TextCache
 from service.images import PixelBudget
-from service.metrics import Metrics
-from service.settings import Settings
+from service.metrics import ModelMetrics
+from service.settings import ModelSpec, Settings
 from service.stores.artifacts import ArtifactStore
 from service.stores.bases import BasisStore
 from service.stores.coefficients import CoefficientCache, CoefficientStore
 from service.stores.label_sets import LabelSetStore
+from service.stores.ownership import WeightsOwner
 
 __all__ = ["Engine", "Loaded", "load", "start"]
 
@@ -47,6 +51,8 @@ class Engine:
     """The serving path of one model: model, text cache, image pipeline, batcher, head analyses and its stores."""
 
     model: ServingModel
+    owner: ModelOwner  # the one thread that runs every forward of this model
+    metrics: ModelMetrics
     text: TextCache
     images: ImagePipeline
     batcher: Batcher
@@ -56,10 +62,11 @@ class Engine:
     label_sets: LabelSetStore
 
 
-def load(settings: Settings, metrics: Metrics, owner: ModelOwner, redis_state: RedisState,
-         artifacts: ArtifactStore) -> Loaded:
-    """Blocking, on the model owner: load the model, warm it up (one image and one text forward)."""
-    model = ServingModel(settings)
+def load(spec: ModelSpec, settings: Settings, metrics: ModelMetrics, owner: ModelOwner, redis_state: RedisState,
+         artifacts: ArtifactStore, weights_owner: WeightsOwner, known_weights: Callable[[], tuple[str, ...]]
+         ) -> Loaded:
+    """Blocking, on the model's owner: load the model, warm it up (one image and one text forward)."""
+    model = ServingModel(spec)
     bb = model.backbone
 
     def encode(prompts: list[str]) -> torch.Tensor:  # every text forward runs on the model owner, chunk by chunk
@@ -68,20 +75,28 @@ def load(settings: Settings, metrics: Metrics, owner: ModelOwner, redis_state: R
     text = TextCache(bb.weights_id, encode, redis_state, settings.text_cache_ttl_s, settings.label_set_cache_size,
                      metrics, settings.text_cache_bytes)
     model.warm_up()
-    bases = BasisStore(artifacts, bb, settings.reference_basis)
-    cache = CoefficientCache(settings.coefficient_cache_bytes, settings.coefficient_load_concurrency, metrics)
+    # the default basis setting names a basis of the default model; the others use their own newest basis
+    bases = BasisStore(artifacts, bb, settings.reference_basis if spec == settings.model_specs()[0] else None,
+                       model.name, weights_owner)
+    # the fused sets live on the model's device: their budget follows it (shared by the models on it)
+    device = bb.device.type if bb.device.index is None else f"{bb.device.type}:{bb.device.index}"
+    on_device = sum(1 for m in settings.model_specs() if m.device in ("auto", bb.device.type))
+    cache = CoefficientCache(settings.coefficient_budget(device, on_device), settings.coefficient_load_concurrency,
+                             metrics)
     return Loaded(model=model, text=text, bases=bases,
-                  coefficients=CoefficientStore(artifacts, bb, model.ln, bases, cache, metrics),
-                  label_sets=LabelSetStore(artifacts, bb.weights_id))
+                  coefficients=CoefficientStore(artifacts, bb, model.ln, bases, cache, metrics, model.name,
+                                                weights_owner),
+                  label_sets=LabelSetStore(artifacts, bb.weights_id, model.name, weights_owner, known_weights))
 
 
-def start(loaded: Loaded, settings: Settings, metrics: Metrics, owner: ModelOwner, decode: Pool, analysis: Pool,
-          artifacts: ArtifactStore) -> Engine:
-    """On the event loop: the image pipeline, the batcher (started) and the head analyses around a loaded model."""
+def start(loaded: Loaded, settings: Settings, metrics: ModelMetrics, owner: ModelOwner, decode: Pool,
+          analysis: Pool, artifacts: ArtifactStore, budget: PixelBudget) -> Engine:
+    """On the event loop: the image pipeline, the batcher (started) and the head analyses around a loaded model.
+
+    ``budget`` (decoded pixels held at once) is the process's, shared by every model's image pipeline."""
     model, text = loaded.model, loaded.text
     bb = model.backbone
     device = bb.device.type
-    budget = PixelBudget(settings.max_decoding_pixels, metrics.decoding_pixels.set)
     images = ImagePipeline(bb, decode, decode_threads(settings.decode_threads), settings.max_image_pixels,
                            settings.image_pipeline, settings.max_request_pixels, budget)
     batcher = Batcher(model.forward, owner, settings.batch_size_for(device), settings.max_wait_ms / 1000,
@@ -96,5 +111,6 @@ def start(loaded: Loaded, settings: Settings, metrics: Metrics, owner: ModelOwne
                         dictionary=settings.text_dictionary)
     heads = HeadService(model, batcher.submit, owner, analysis, config, artifacts, loaded.bases, dictionary_embeddings,
                         metrics.reference_basis_images.inc)
-    return Engine(model=model, text=text, images=images, batcher=batcher, heads=heads, bases=loaded.bases,
+    return Engine(model=model, owner=owner, metrics=metrics, text=text, images=images, batcher=batcher, heads=heads,
+                  bases=loaded.bases,
                   coefficients=loaded.coefficients, label_sets=loaded.label_sets)

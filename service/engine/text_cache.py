@@ -25,7 +25,7 @@ import redis
 import torch
 
 from residual.classifier import fill_templates, prompt_embeddings_to_classes
-from service.metrics import Metrics
+from service.metrics import Metrics, ModelMetrics
 from service.singleflight import SingleFlight
 
 __all__ = ["TEXT_CHUNK", "RedisState", "TextCache", "decode_array", "encode_array"]
@@ -109,7 +109,7 @@ class RedisState:
 
 class TextCache:
     def __init__(self, weights_id: str, encode: Callable[[list[str]], torch.Tensor], state: RedisState,
-                 ttl_s: int, lru_size: int, metrics: Metrics, lru_bytes: int = 256 * 1024 * 1024) -> None:
+                 ttl_s: int, lru_size: int, metrics: ModelMetrics, lru_bytes: int = 256 * 1024 * 1024) -> None:
         self.weights_id = weights_id
         self.encode = encode  # prompts -> (n, d) raw text embeddings; called with at most TEXT_CHUNK prompts
         self.redis = state

@@ -42,7 +42,8 @@ def _run(ctx: JobContext, spec: HeadAlignmentJob) -> dict[str, Any]:
     cls = class_embeddings(bb.encode_text, bb.tokenizer, spec.classes, spec.templates, device=bb.device)
     ctx.progress(phase="scoring heads", fraction=1.0)
     report = alignment_report(s_units, s_lab, e_units, e_lab, cls.cpu(), bb, spec.classes, spec.label_set_id,
-                              sources.source_name(spec.source), spec.params.model_dump(), split, basis, info.ref())
+                              sources.source_name(spec.source), spec.params.model_dump(), split, basis, info.ref(),
+                              spec.model)
     ctx.progress(phase="done", fraction=1.0)
     return report
 

@@ -9,8 +9,10 @@ after (``service.jobs.queue.describe`` prefers the record).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ from residual import Backbone, Basis, FitCancelledError, load_backbone
 from service.jobs.metrics import JOB_SECONDS, JOBS
 from service.jobs.queue import cancel_key
 from service.jobs.specs import BasisJob, FitJob, HeadAlignmentJob, parse
-from service.settings import Settings, get_settings
+from service.settings import ModelSpec, Settings, get_settings
 from service.sources import world_reference_basis
 from service.stores.artifacts import ArtifactStore
 from service.stores.bases import BasisInfo, BasisStore
@@ -32,22 +34,36 @@ logger = logging.getLogger(__name__)
 
 S = TypeVar("S", FitJob, BasisJob, HeadAlignmentJob)
 
-_BACKBONES: dict[str, Backbone] = {}
-_KEEP_BACKBONES = 2
+_BACKBONES: OrderedDict[ModelSpec, Backbone] = OrderedDict()  # the last few models jobs used (LRU)
 
 
-def _backbone(s: Settings) -> Backbone:
-    key = f"{s.model_name}|{s.model_weights}|{s.device}|{s.precision}"
-    if key not in _BACKBONES:
-        while len(_BACKBONES) >= _KEEP_BACKBONES:
-            _BACKBONES.pop(next(iter(_BACKBONES)))
-        device = None if s.device == "auto" else s.device
-        _BACKBONES[key] = load_backbone(s.model_name, s.model_weights, device=device, precision=s.precision)
-    return _BACKBONES[key]
+def _spec(s: Settings, model: str | None) -> ModelSpec:
+    specs = s.model_specs()
+    if model is None:
+        return specs[0]
+    spec = next((m for m in specs if m.name == model), None)
+    if spec is None:
+        raise RuntimeError(f"this worker does not serve model {model!r}; its RESIDUAL_MODELS are "
+                           f"{', '.join(m.name for m in specs)} (give the worker the API's RESIDUAL_MODELS)")
+    return spec
+
+
+def _backbone(s: Settings, model: str | None = None) -> Backbone:
+    """The backbone of a served model, loaded on first use; the worker keeps ``worker_models`` of them."""
+    spec = _spec(s, model)
+    if spec in _BACKBONES:
+        _BACKBONES.move_to_end(spec)
+        return _BACKBONES[spec]
+    while len(_BACKBONES) >= s.worker_models:
+        _BACKBONES.popitem(last=False)
+        gc.collect()
+    device = None if spec.device == "auto" else spec.device
+    _BACKBONES[spec] = load_backbone(spec.architecture, spec.weights, device=device, precision=spec.precision)
+    return _BACKBONES[spec]
 
 
 def preload(s: Settings | None = None) -> Backbone:
-    """Load the configured backbone before taking jobs (the worker's start)."""
+    """Load the default model before taking jobs (the worker's start); the others load when a job names them."""
     return _backbone(s or get_settings())
 
 
@@ -61,14 +77,18 @@ class JobContext:
         self.artifacts = ArtifactStore(self.settings.artifact_dir)
 
     def backbone(self) -> Backbone:
-        bb = _backbone(self.settings)
+        bb = _backbone(self.settings, self.spec.model)
         if bb.weights_id != self.spec.weights_id:
-            raise RuntimeError(f"this worker serves model weights {bb.weights_id}; the job asks for "
-                               f"{self.spec.weights_id}")
+            raise RuntimeError(f"this worker's model {self.spec.model or 'default'} has weights {bb.weights_id}; the "
+                               f"job asks for {self.spec.weights_id} (do the API and the worker have the same "
+                               "RESIDUAL_MODELS?)")
         return bb
 
     def bases(self, bb: Backbone) -> BasisStore:
-        return BasisStore(self.artifacts, bb, self.settings.reference_basis)
+        """The bases of the job's model (RESIDUAL_REFERENCE_BASIS names a basis of the default model only)."""
+        default = self.spec.model is None or self.spec.model == self.settings.model_specs()[0].name
+        return BasisStore(self.artifacts, bb, self.settings.reference_basis if default else None,
+                          self.spec.model)
 
     def progress(self, **fields: Any) -> None:
         """Best effort: a Redis outage must not fail the job (its result is recorded all the same)."""

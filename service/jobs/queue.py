@@ -71,7 +71,7 @@ def enqueue(conn: redis.Redis, spec: BaseModel, name: str, timeout_s: int, ttl_s
     payload = spec.model_dump(mode="json")
     return redis_call(lambda: _queue(conn).enqueue(
         _FUNCTIONS[kind], payload, job_timeout=timeout_s, result_ttl=ttl_s, failure_ttl=ttl_s,
-        meta={"name": name, "kind": kind, "progress": {"phase": "queued"}}))
+        meta={"name": name, "kind": kind, "model": payload.get("model"), "progress": {"phase": "queued"}}))
 
 
 def describe(job: Job, results: ResultLookup | None = None) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def describe(job: Job, results: ResultLookup | None = None) -> dict[str, Any]:
     elif flagged:
         status = {"running": "cancelling", "queued": "cancelling", "failed": "cancelled"}[status]
     out: dict[str, Any] = {"job_id": job.id, "kind": job.meta.get("kind", FIT), "name": job.meta.get("name"),
-                           "status": status, "progress": job.meta.get("progress", {}),
+                           "model": job.meta.get("model"), "status": status, "progress": job.meta.get("progress", {}),
                            "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
                            "ended_at": job.ended_at.isoformat() if job.ended_at else None}
     if status == "succeeded":

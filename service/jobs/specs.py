@@ -56,6 +56,8 @@ class TraceContext(BaseModel):
 class _Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
     weights_id: str = Field(..., description="the served weights the job must run with")
+    model: str | None = Field(None, description="the served model (RESIDUAL_MODELS) the job runs with; None: the "
+                                                "default (jobs enqueued before models had names)")
     trace: TraceContext = Field(default_factory=TraceContext)
 
 

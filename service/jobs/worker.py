@@ -26,7 +26,7 @@ from rq.worker import WorkerStatus
 from service.jobs.context import preload
 from service.jobs.metrics import WORKER_REDIS_ERRORS
 from service.jobs.queue import QUEUE_NAME, queue_policy_warning
-from service.settings import get_settings
+from service.settings import settings_or_exit
 
 __all__ = ["HeartbeatWorker", "main"]
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    s = get_settings()
+    s = settings_or_exit("residual-worker")
     conn = redis.Redis.from_url(s.jobs_redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=10)
     _, warning = queue_policy_warning(conn)
     if warning:

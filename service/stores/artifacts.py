@@ -138,6 +138,15 @@ class ArtifactStore:
             out.append({"version": f.stem, "meta": meta})
         return out
 
+    def version_meta(self, name: str, version: str) -> dict[str, Any] | None:
+        """The metadata of one version (None when it is missing or unreadable)."""
+        try:
+            with safe_open(str(self.coefficient_path(name, version)), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get("residual", "{}"))
+        except (SafetensorError, OSError, ValueError, InvalidRequest):
+            return None
+        return meta if isinstance(meta, dict) else None
+
     def active(self, name: str) -> str | None:
         try:
             return (self.coefficient_dir(name) / "ACTIVE").read_text().strip() or None

@@ -42,6 +42,7 @@ from residual.heads import unit_spectra
 from residual.spectral import explained_variance, k_at
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.stores.artifacts import ArtifactStore
+from service.stores.ownership import WeightsOwner, no_owner, other_model
 
 __all__ = ["BASIS_ID", "WORLD", "BasisInfo", "BasisStore", "basis_id", "basis_units", "check_basis_name",
            "no_basis_message"]
@@ -145,8 +146,11 @@ def _warnings(n_images: int, components: int) -> tuple[str, ...]:
 class BasisStore:
     """The bases of one artifact store, seen from one served model (``bb``)."""
 
-    def __init__(self, artifacts: ArtifactStore, bb: Backbone, default_ref: str | None = None) -> None:
+    def __init__(self, artifacts: ArtifactStore, bb: Backbone, default_ref: str | None = None,
+                 model: str | None = None, owner: WeightsOwner = no_owner) -> None:
         self.artifacts, self.bb = artifacts, bb
+        self.model = model or bb.name  # the served model's name
+        self.owner = owner
         self.default_ref = default_ref or None
         self._infos: dict[Path, tuple[tuple[int, int], BasisInfo | None]] = {}
         self._loaded: OrderedDict[str, Basis] = OrderedDict()
@@ -192,8 +196,7 @@ class BasisStore:
         if mine:
             return mine[0]
         if match:
-            raise Conflict(f"basis {ref!r} belongs to other model weights ({match[0].weights_id}); this service "
-                           f"serves {self.bb.weights_id}")
+            raise other_model(f"basis {ref!r}", match[0].weights_id, self.owner, self.model, self.bb.weights_id)
         raise NotFound(f"unknown basis {ref!r} (GET /bases lists them)")
 
     def by_hash(self, content_hash: str) -> BasisInfo | None:
@@ -254,7 +257,7 @@ class BasisStore:
                 return hit
         basis = Basis.load(info.path)
         if basis.weights_id != self.bb.weights_id:
-            raise Conflict(f"basis {info.basis_id} belongs to other model weights ({basis.weights_id})")
+            raise other_model(f"basis {info.basis_id}", basis.weights_id, self.owner, self.model, self.bb.weights_id)
         with self._lock:
             self._loaded[info.basis_id] = basis
             while len(self._loaded) > _LOADED_MAX:

@@ -18,11 +18,12 @@ from typing import Any
 
 from residual import Basis, CoefficientSet, FusedAdapter, LinearisedLN, fuse, resolve
 from residual.backbone import Backbone
-from service.errors import Conflict, InvalidRequest, NotFound
-from service.metrics import Metrics
+from service.errors import InvalidRequest, NotFound
+from service.metrics import ModelMetrics
 from service.singleflight import SingleFlight
 from service.stores.artifacts import ID_PATTERN, VERSION_PATTERN, ArtifactStore
 from service.stores.bases import BasisStore
+from service.stores.ownership import WeightsOwner, no_owner, other_model
 
 __all__ = ["CoefficientCache", "CoefficientStore", "LoadedCoefficients"]
 
@@ -50,7 +51,7 @@ class LoadedCoefficients:
 class CoefficientCache:
     """Byte-bounded LRU of loaded coefficient sets; single-flight, bounded-concurrency loading."""
 
-    def __init__(self, max_bytes: int, concurrency: int, metrics: Metrics) -> None:
+    def __init__(self, max_bytes: int, concurrency: int, metrics: ModelMetrics) -> None:
         self.max_bytes = max_bytes
         self.metrics = metrics
         self._entries: OrderedDict[str, LoadedCoefficients] = OrderedDict()
@@ -97,8 +98,11 @@ class CoefficientStore:
     """The coefficient sets of one served model: listing, versions, and loading ``name`` / ``name@version``."""
 
     def __init__(self, artifacts: ArtifactStore, backbone: Backbone, ln: LinearisedLN, bases: BasisStore,
-                 cache: CoefficientCache, metrics: Metrics) -> None:
+                 cache: CoefficientCache, metrics: ModelMetrics, model: str | None = None,
+                 owner: WeightsOwner = no_owner) -> None:
         self.artifacts, self.backbone, self.ln, self.bases = artifacts, backbone, ln, bases
+        self.model = model or backbone.name  # the served model's name
+        self.owner = owner
         self.cache = cache
         self.metrics = metrics
 
@@ -106,22 +110,37 @@ class CoefficientStore:
     def names(self) -> list[str]:
         return self.artifacts.names()
 
+    def _mine(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The versions of this model's weights (unreadable files too: they may be anyone's)."""
+        return [r for r in rows if "error" in r or r["meta"].get("weights_id") == self.backbone.weights_id]
+
     def active_names(self) -> list[str]:
-        return [n for n in self.artifacts.names() if self.artifacts.active(n) is not None]
+        """Names whose active version belongs to this model."""
+        out = []
+        for name in self.artifacts.names():
+            active = self.artifacts.active(name)
+            if active is not None and any(r["version"] == active for r in self._mine(self.artifacts.versions(name))):
+                out.append(name)
+        return out
 
     def summaries(self) -> dict[str, Any]:
         out = []
         for name in self.artifacts.names():
-            rows = self.artifacts.versions(name)
+            rows = self._mine(self.artifacts.versions(name))
             if rows:
                 out.append({"name": name, "active": self.artifacts.active(name),
                             "versions": [r["version"] for r in rows]})
-        return {"coefficient_sets": out}
+        return {"model": self.model, "coefficient_sets": out}
 
     def versions(self, name: str) -> dict[str, Any]:
-        """The versions of ``name`` (oldest first) with their metadata; 404 (listing the known names) when none."""
-        rows = self.artifacts.versions(name)
+        """The versions of ``name`` (oldest first) with their metadata; 404 (listing the known names) when none,
+        409 when they all belong to another model."""
+        every = self.artifacts.versions(name)
+        rows = self._mine(every)
         if not rows:
+            if every:
+                raise other_model(f"coefficient set {name!r}", every[-1]["meta"].get("weights_id", "?"), self.owner,
+                                  self.model, self.backbone.weights_id)
             raise self.unknown(name)
         active = self.artifacts.active(name)
         out = []
@@ -135,7 +154,7 @@ class CoefficientStore:
                         "variant": meta.get("variant"), "created_at": meta.get("created_at"),
                         "n_parameters": meta.get("n_parameters"), "label_set": meta.get("label_set"),
                         "report": {k: v for k, v in rep.items() if k != "history"}})
-        return {"name": name, "active": active, "versions": out}
+        return {"model": self.model, "name": name, "active": active, "versions": out}
 
     def unknown(self, name: str) -> NotFound:
         """404 for an unknown name that says which names exist (or how many, and where to list them)."""
@@ -181,8 +200,8 @@ class CoefficientStore:
             raise NotFound(f"unknown coefficient set version {full_ref!r} (GET /coefficients/{name} lists them)")
         cs = CoefficientSet.load(path)
         if cs.weights_id != self.backbone.weights_id:
-            raise Conflict(f"coefficient set {full_ref} was fitted on other model weights ({cs.weights_id}); this "
-                           f"service serves {self.backbone.name} ({self.backbone.weights_id})")
+            raise other_model(f"coefficient set {full_ref}", cs.weights_id, self.owner, self.model,
+                              self.backbone.weights_id)
         basis, ref = self._basis_for(cs.basis_hash) if cs.basis_hash else (self.any_basis(), None)
         if basis is None:
             raise NotFound("no basis of the serving model is available")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 from service.stores.artifacts import ArtifactStore
+from service.stores.ownership import WeightsOwner, no_owner, other_model
 
 __all__ = ["LabelSetStore", "label_set_id"]
 
@@ -23,9 +25,13 @@ def label_set_id(weights_id: str, classes: list[str], templates: list[str]) -> s
 class LabelSetStore:
     """The label sets of the served weights (blocking: file I/O)."""
 
-    def __init__(self, artifacts: ArtifactStore, weights_id: str) -> None:
+    def __init__(self, artifacts: ArtifactStore, weights_id: str, model: str = "", owner: WeightsOwner = no_owner,
+                 known_weights: Callable[[], tuple[str, ...]] = tuple) -> None:
         self.artifacts = artifacts
         self.weights_id = weights_id
+        self.model = model
+        self.owner = owner
+        self.known_weights = known_weights  # the weights of the served models: whose label set is it?
 
     def id_of(self, classes: list[str], templates: list[str]) -> str:
         return label_set_id(self.weights_id, classes, templates)
@@ -36,4 +42,10 @@ class LabelSetStore:
         return ident
 
     def get(self, ident: str) -> tuple[list[str], list[str]]:
-        return self.artifacts.read_label_set(ident)
+        """(classes, templates) of a label set of this model; 409 naming the model of another's."""
+        classes, templates = self.artifacts.read_label_set(ident)
+        if self.id_of(classes, templates) != ident:  # the id hashes the weights: recompute it for each served model
+            weights = next((w for w in self.known_weights() if label_set_id(w, classes, templates) == ident),
+                           "unknown")
+            raise other_model(f"label set {ident}", weights, self.owner, self.model, self.weights_id)
+        return classes, templates

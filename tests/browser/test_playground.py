@@ -10,6 +10,7 @@ and the console must hold no error. The screenshot is checked (the heatmap is dr
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from PIL import Image
 from playwright.sync_api import ConsoleMessage, Page, Request, expect, sync_playwright
 
 from residual.tiny import tasks
-from tests.processes import api_server, worker_process
+from tests.processes import api_server, variant_checkpoint, worker_process
 from tests.redis_server import start_private
 from tests.waiting import wait_for
 
@@ -181,3 +182,48 @@ def test_playground_classifies_explains_fits_and_docs_work_offline(service: http
            int(heatmap["y"] + heatmap["height"]))
     colours = picture.crop(box).getcolors(maxcolors=1_000_000) or []
     assert len(colours) >= 24, f"{len(colours)} colours in the heatmap: a blank or broken render"
+
+
+def test_the_model_picker_scopes_every_request_to_the_chosen_model(tmp_path: Path) -> None:
+    """Two models: the picker lists both (the default first); choosing the second reloads its lists and classifies
+    with it, and the page shows the scores the API gives for that model."""
+    redis = start_private()
+    variant = variant_checkpoint(tmp_path / "variant.safetensors")
+    models = [{"name": "tiny", "architecture": "residual-tiny"},
+              {"name": "tiny-b", "architecture": "residual-tiny", "weights": str(variant)}]
+    image = tmp_path / "world.png"
+    Image.fromarray(tasks.task_images("colour", "test", n=1)[0][0]).save(image)
+    shape = tasks.TASKS["shape"]  # a colour image against shape classes: scores far from 1, where models differ
+    try:
+        with api_server(redis.url, tmp_path / "artifacts", models=json.dumps(models)) as (service, _):
+            origin = str(service.base_url).rstrip("/")
+            answers = {m: service.post("/classify", json={
+                "images": [base64.b64encode(image.read_bytes()).decode()], "model": m, "top_k": 1,
+                "label_set": {"classes": list(shape.classes), "templates": list(shape.templates)}}).json()
+                for m in ("tiny", "tiny-b")}
+            scores = {m: a["results"][0]["top"][0]["score"] for m, a in answers.items()}
+            assert f"{100 * scores['tiny']:.1f}" != f"{100 * scores['tiny-b']:.1f}"  # the page tells them apart
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"])
+                page = browser.new_page(viewport={"width": 1360, "height": 1000})
+                watch = Watch(page, origin)
+                page.goto(origin + "/")
+                picker = page.get_by_label("model", exact=True)
+                expect(picker).to_be_visible()
+                assert picker.locator("option").all_inner_texts() == ["tiny (default)", "tiny-b"]
+                with page.expect_request(lambda r: "/coefficients?model=tiny-b" in r.url):
+                    picker.select_option("tiny-b")
+                expect(page.locator("#model")).to_have_text("tiny-b")
+                page.set_input_files("#files", [str(image)])
+                page.get_by_label("Classes (one per line)").fill("\n".join(shape.classes))
+                page.locator("#templates").fill("\n".join(shape.templates))
+                with page.expect_response(lambda r: r.url.endswith("/classify")) as answered:
+                    page.get_by_role("button", name="Classify", exact=True).click()
+                assert answered.value.json()["model"] == "tiny-b"  # the form carried the chosen model
+                page.wait_for_selector(".result")
+                top = page.locator(".result").first.locator(".bar.top")
+                expect(top).to_contain_text(f"{100 * scores['tiny-b']:.1f}")
+                browser.close()
+            assert watch.foreign == [] and watch.errors == [], (watch.foreign, watch.errors)
+    finally:
+        redis.stop()

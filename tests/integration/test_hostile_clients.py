@@ -33,6 +33,7 @@ from tests.attacks import (
     unauthenticated_body,
 )
 from tests.processes import api_server, rss_mib, slow_callbacks, worker_process
+from tests.prom import sample_sum
 from tests.redis_server import RedisServer, free_port, start_private
 from tests.service.conftest import png_b64
 from tests.waiting import wait_for
@@ -50,10 +51,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def _metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    return 0.0
+    return sample_sum(client.get("/metrics").text, name)
 
 
 # ---- unauthenticated floods -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import pytest
 
 from residual.tiny import tasks
 from tests.processes import api_server, variant_checkpoint
+from tests.prom import sample_sum
 from tests.redis_server import start_private
 from tests.service.conftest import png_b64
 from tests.waiting import wait_for
@@ -35,10 +36,7 @@ ROUNDS = int(os.environ.get("RESIDUAL_SHUTDOWN_ROUNDS", "20"))
 
 
 def _metric(client: httpx.Client, name: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return sample_sum(client.get("/metrics").text, name)
 
 
 @pytest.fixture(scope="module")

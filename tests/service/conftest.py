@@ -12,6 +12,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.settings import Settings
+from tests.prom import sample_sum
 from tests.redis_server import RedisServer, shared_or_private
 from tests.waiting import wait_for
 
@@ -58,9 +59,5 @@ def png_b64(array: np.ndarray) -> str:
 
 
 def metric(client: TestClient, name: str, labels: str = "") -> float:
-    """Read one sample of the text exposition; 0 when absent."""
-    target = f"{name}{{{labels}}}" if labels else name
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(target + " "):
-            return float(line.split()[-1])
-    return 0.0
+    """The sum of a metric's samples whose labels include ``labels`` (every model's); 0 when absent."""
+    return sample_sum(client.get("/metrics").text, name, labels)

@@ -87,7 +87,7 @@ def test_multipart_upload_matches_json(client: TestClient) -> None:
     r = client.post("/classify", files=files, data={"labels": "a,b"})
     assert r.status_code == 422
     assert r.json()["error"]["message"] == ("unexpected form field 'labels'; the fields are images, label_set, "
-                                            "label_set_id, coefficients, top_k, scores, explain (images as file "
+                                            "label_set_id, coefficients, top_k, scores, explain, model (images as file "
                                             "parts)")
 
 
@@ -209,8 +209,8 @@ def test_label_set_registry(client: TestClient) -> None:
     ident = r.json()["label_set_id"]
     assert client.post("/label-sets", json={"classes": ["cat", "dog"], "templates": ["a {}."]}).json()[
         "label_set_id"] == ident  # content hash: idempotent
-    assert client.get(f"/label-sets/{ident}").json() == {"label_set_id": ident, "classes": ["cat", "dog"],
-                                                        "templates": ["a {}."]}
+    assert client.get(f"/label-sets/{ident}").json() == {"model": "residual-tiny", "label_set_id": ident,
+                                                        "classes": ["cat", "dog"], "templates": ["a {}."]}
     r = client.post("/classify", json={"images": [png_b64(_images(1)[0][0])], "label_set_id": ident})
     assert r.status_code == 200 and r.json()["label_set_id"] == ident
 

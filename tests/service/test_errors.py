@@ -70,7 +70,7 @@ def test_a_label_set_that_is_not_json_is_415_like_classify(client: TestClient) -
     r = client.post("/label-sets", content=b"classes=cat,dog",
                     headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 415
-    assert _message(r) == ("send the body as application/json (a LabelSet); the content type was "
+    assert _message(r) == ("send the body as application/json (a LabelSetRequest); the content type was "
                            "application/x-www-form-urlencoded")
     r = client.post("/classify", content=b"x", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and "application/json" in _message(r)
@@ -84,7 +84,7 @@ def test_classes_at_the_top_level_of_classify(client: TestClient) -> None:
                            '"templates": [...]}}')
     r = client.post("/classify", json={"images": [image], "label_set": {"classes": ["a"]}, "topk": 3})
     assert _message(r) == ("unknown field 'topk'; the fields are coefficients, explain, images, label_set, "
-                           "label_set_id, scores, top_k")
+                           "label_set_id, model, scores, top_k")
 
 
 def test_numbers_follow_json_and_json_schema(client: TestClient) -> None:

@@ -135,6 +135,11 @@ def _image_bytes(image: Any) -> tuple[str, bytes]:
     raise TypeError(f"images must be bytes, paths, PIL images or numpy arrays, not {type(image).__name__}")
 
 
+def _model(model: str | None) -> dict[str, str]:
+    """The ``model`` field or parameter, when one is named (else the deployment's default model answers)."""
+    return {"model": model} if model is not None else {}
+
+
 def _label_set(classes: Sequence[str], templates: Sequence[str] | None) -> dict[str, Any]:
     return {"classes": list(classes), **({"templates": list(templates)} if templates else {})}
 
@@ -148,14 +153,15 @@ class _Requests:
     def classify(images: Sequence[Any], classes: Sequence[str] | None = None,
                  templates: Sequence[str] | None = None, label_set_id: str | None = None,
                  coefficients: str | None = None, top_k: int | None = None, explain: int | None = None,
-                 scores: str | None = None) -> _Call[ClassifyResult]:
+                 scores: str | None = None, model: str | None = None) -> _Call[ClassifyResult]:
         """Images (bytes, paths, PIL images or numpy arrays) against ``classes`` (and ``templates``), a registered
-        ``label_set_id``, or a coefficient set's own label set; sent as multipart."""
+        ``label_set_id``, or a coefficient set's own label set; sent as multipart. ``model``: a served model
+        (default: the deployment's first)."""
         data: dict[str, str] = {}
         if classes is not None:
             data["label_set"] = json.dumps(_label_set(classes, templates))
         for key, value in (("label_set_id", label_set_id), ("coefficients", coefficients), ("top_k", top_k),
-                           ("explain", explain), ("scores", scores)):
+                           ("explain", explain), ("scores", scores), ("model", model)):
             if value is not None:
                 data[key] = str(value)
         files = [("images", (*_image_bytes(im), "application/octet-stream")) for im in images]
@@ -181,24 +187,26 @@ class _Requests:
 
     # ---- label sets ----------------------------------------------------------------------------------------------
     @staticmethod
-    def create_label_set(classes: Sequence[str], templates: Sequence[str] | None = None) -> _Call[str]:
-        return _Call("POST", "/label-sets", {"json": _label_set(classes, templates)},
+    def create_label_set(classes: Sequence[str], templates: Sequence[str] | None = None,
+                         model: str | None = None) -> _Call[str]:
+        """Register a label set of ``model`` (its id hashes that model's weights)."""
+        return _Call("POST", "/label-sets", {"json": {**_label_set(classes, templates), **_model(model)}},
                      lambda r: str(r.json()["label_set_id"]))
 
     @staticmethod
-    def label_set(label_set_id: str) -> _Call[dict[str, Any]]:
-        return _Call("GET", f"/label-sets/{label_set_id}")
+    def label_set(label_set_id: str, model: str | None = None) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/label-sets/{label_set_id}", {"params": _model(model)})
 
     # ---- fits, datasets and coefficient sets ---------------------------------------------------------------------
     @staticmethod
     def fit(name: str, dataset: Any, classes: Sequence[str] | None = None, templates: Sequence[str] | None = None,
             label_set_id: str | None = None, variant: str = "full", hyperparameters: dict[str, Any] | None = None,
-            basis: str = "reference", activate: bool = True, world_sizes: dict[str, int] | None = None
-            ) -> _Call[dict[str, Any]]:
+            basis: str = "reference", activate: bool = True, world_sizes: dict[str, int] | None = None,
+            model: str | None = None) -> _Call[dict[str, Any]]:
         """Start a fit; ``dataset`` is a dataset id, ``"world:<task>"`` or ``{"images", "labels"}``; without
         classes, a dataset's class folders (or a world task's own label set) are used. Returns a job."""
         body: dict[str, Any] = {"name": name, "dataset": dataset, "variant": variant, "basis": basis,
-                                "activate": activate}
+                                "activate": activate, **_model(model)}
         if classes is not None:
             body["label_set"] = _label_set(classes, templates)
         if label_set_id is not None:
@@ -221,54 +229,61 @@ class _Requests:
         return _Call("POST", "/datasets", {"files": {"file": ("dataset", data, kind)}})
 
     @staticmethod
-    def coefficient_sets() -> _Call[list[dict[str, Any]]]:
-        return _Call("GET", "/coefficients", parse=lambda r: list(r.json()["coefficient_sets"]))
+    def coefficient_sets(model: str | None = None) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/coefficients", {"params": _model(model)},
+                     parse=lambda r: list(r.json()["coefficient_sets"]))
 
     @staticmethod
-    def coefficient_versions(name: str) -> _Call[dict[str, Any]]:
-        return _Call("GET", f"/coefficients/{name}")
+    def coefficient_versions(name: str, model: str | None = None) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/coefficients/{name}", {"params": _model(model)})
 
     @staticmethod
-    def activate(name: str, version: str) -> _Call[dict[str, Any]]:
-        return _Call("POST", f"/coefficients/{name}/activate", {"json": {"version": version}})
+    def activate(name: str, version: str, model: str | None = None) -> _Call[dict[str, Any]]:
+        return _Call("POST", f"/coefficients/{name}/activate", {"json": {"version": version},
+                                                                "params": _model(model)})
 
     # ---- bases and heads -----------------------------------------------------------------------------------------
     @staticmethod
-    def build_basis(name: str, dataset: str, max_images: int | None = None) -> _Call[dict[str, Any]]:
+    def build_basis(name: str, dataset: str, max_images: int | None = None, model: str | None = None
+                    ) -> _Call[dict[str, Any]]:
         """Build a basis on the worker from a dataset id, ``"world:<task>"`` or ``"world:mixture"``; returns a job
         whose ``wait()`` gives the new ``basis``."""
-        body: dict[str, Any] = {"name": name, "dataset": dataset}
+        body: dict[str, Any] = {"name": name, "dataset": dataset, **_model(model)}
         if max_images is not None:
             body["max_images"] = max_images
         return _Call("POST", "/bases", {"json": body}, job=True)
 
     @staticmethod
-    def bases(all_weights: bool = False) -> _Call[dict[str, Any]]:
-        """``{"weights_id", "default", "bases"}``: the served weights' bases, newest first, and the default."""
-        return _Call("GET", "/bases", {"params": {"all_weights": "true"} if all_weights else {}})
+    def bases(all_weights: bool = False, model: str | None = None) -> _Call[dict[str, Any]]:
+        """``{"model", "weights_id", "default", "bases"}``: a model's bases, newest first, and its default."""
+        return _Call("GET", "/bases", {"params": {**({"all_weights": "true"} if all_weights else {}),
+                                                  **_model(model)}})
 
     @staticmethod
-    def basis(basis: str) -> _Call[dict[str, Any]]:
+    def basis(basis: str, model: str | None = None) -> _Call[dict[str, Any]]:
         """One basis by id or name, with per-unit k_90 / k_99 / evr_1."""
-        return _Call("GET", f"/bases/{basis}")
+        return _Call("GET", f"/bases/{basis}", {"params": _model(model)})
 
     @staticmethod
-    def heads(basis: str | None = None) -> _Call[dict[str, Any]]:
-        return _Call("GET", "/heads", {"params": {"basis": basis} if basis else {}})
+    def heads(basis: str | None = None, model: str | None = None) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/heads", {"params": {**({"basis": basis} if basis else {}), **_model(model)}})
 
     @staticmethod
     def head(layer: int, head: int, basis: str | None = None, method: str | None = None, atoms: int | None = None,
-             components: int | None = None, component_atoms: int | None = None) -> _Call[dict[str, Any]]:
+             components: int | None = None, component_atoms: int | None = None, model: str | None = None
+             ) -> _Call[dict[str, Any]]:
         params = {k: v for k, v in (("basis", basis), ("method", method), ("atoms", atoms),
-                                    ("components", components), ("component_atoms", component_atoms))
+                                    ("components", components), ("component_atoms", component_atoms),
+                                    ("model", model))
                   if v is not None}
         return _Call("GET", f"/heads/{layer}/{head}", {"params": params})
 
     @staticmethod
     def head_alignment(dataset: Any, classes: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-                       label_set_id: str | None = None, **options: Any) -> _Call[dict[str, Any]]:
+                       label_set_id: str | None = None, model: str | None = None, **options: Any
+                       ) -> _Call[dict[str, Any]]:
         """``options``: world_sizes, fractions, seeds, ablation, top, basis (see POST /heads/alignment)."""
-        body: dict[str, Any] = {"dataset": dataset, **options}
+        body: dict[str, Any] = {"dataset": dataset, **_model(model), **options}
         if classes is not None:
             body["label_set"] = _label_set(classes, templates)
         if label_set_id is not None:
@@ -376,9 +391,10 @@ class Client(_Base):
             time.sleep(wait)
             attempt += 1
 
-    def rollback(self, name: str) -> dict[str, Any]:
+    def rollback(self, name: str, model: str | None = None) -> dict[str, Any]:
         """Activate the version listed before the active one."""
-        return self.activate(name, _previous(self.coefficient_versions(name)))  # type: ignore[attr-defined]
+        versions = self.coefficient_versions(name, model=model)  # type: ignore[attr-defined]
+        return self.activate(name, _previous(versions), model=model)  # type: ignore[attr-defined,no-any-return]
 
 
 class AsyncClient(_Base):
@@ -410,10 +426,10 @@ class AsyncClient(_Base):
             await asyncio.sleep(wait)
             attempt += 1
 
-    async def rollback(self, name: str) -> dict[str, Any]:
+    async def rollback(self, name: str, model: str | None = None) -> dict[str, Any]:
         """Activate the version listed before the active one."""
-        versions = await self.coefficient_versions(name)  # type: ignore[attr-defined]
-        return await self.activate(name, _previous(versions))  # type: ignore[attr-defined,no-any-return]
+        versions = await self.coefficient_versions(name, model=model)  # type: ignore[attr-defined]
+        return await self.activate(name, _previous(versions), model=model)  # type: ignore[attr-defined,no-any-return]
 
 
 for _name in _OPERATIONS:

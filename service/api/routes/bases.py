@@ -18,7 +18,7 @@ from fastapi import APIRouter, Path, Query
 from service import sources
 from service.api.auth import AdminKey, ApiKey
 from service.api.body import JsonBody
-from service.api.deps import ReadyDep
+from service.api.deps import ModelQuery, ReadyDep
 from service.api.job_routes import add_job_routes
 from service.api.schemas import BASIS_REF, BasisDetail, BasisList, BasisRequest, JobAccepted
 from service.jobs import queue
@@ -30,7 +30,7 @@ router = APIRouter(tags=["bases"])
 _BODY = JsonBody(BasisRequest)
 
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown dataset"}, 413: {"description": "the body over its limit"},
+    404: {"description": "unknown dataset or model"}, 413: {"description": "the body over its limit"},
     415: {"description": "the body is not application/json"}, 422: {"description": "invalid request"},
     503: {"description": "the job queue is unavailable or refuses writes"}}
 
@@ -45,23 +45,27 @@ async def create_basis(rt: ReadyDep, body: BasisRequest = _BODY.depends) -> JobA
     ``RESIDUAL_REFERENCE_BASIS`` set, the newest basis of the served weights becomes the default. A basis from
     fewer than 10 images per component it keeps carries a warning in its listing."""
     check_basis_name(body.name)
+    rt = await rt.use(body.model)
     source = sources.parse_source(body.dataset, mixture=True)
     if isinstance(source, sources.DatasetSource):
         await rt.io.run(rt.datasets.get, source.dataset_id)  # 404 now, not in the job
-    spec = BasisJob(name=body.name, source=source, max_images=body.max_images, weights_id=rt.model.weights_id)
+    spec = BasisJob(name=body.name, source=source, max_images=body.max_images, weights_id=rt.model.weights_id,
+                    model=rt.model.name)
     s = rt.settings
     job = await rt.io.run(queue.enqueue, rt.jobs_redis, spec, body.name, s.job_timeout_s, s.job_result_ttl_s)
-    return JobAccepted(job_id=job.id, status_url=f"/bases/jobs/{job.id}")
+    return JobAccepted(model=rt.model.name, job_id=job.id, status_url=f"/bases/jobs/{job.id}")
 
 
-@router.get("/bases", response_model=BasisList, dependencies=[ApiKey], summary="Bases of the served weights")
+@router.get("/bases", response_model=BasisList, dependencies=[ApiKey], summary="Bases of a model's weights",
+            responses={404: {"description": "unknown model"}})
 async def list_bases(rt: ReadyDep, all_weights: bool = Query(False, description="also list bases of other "
-                                                                                "model weights in the store")
-                     ) -> dict[str, Any]:
+                                                                                "model weights in the store"),
+                     model: str | None = ModelQuery) -> dict[str, Any]:
+    rt = await rt.use(model)
     bases = rt.bases
 
     def build() -> dict[str, Any]:
-        return {"weights_id": rt.model.weights_id, "default": bases.default_description(),
+        return {"model": rt.model.name, "weights_id": rt.model.weights_id, "default": bases.default_description(),
                 "bases": [i.public() for i in bases.infos(all_weights=all_weights)]}
 
     return await rt.io.run(build)
@@ -72,11 +76,13 @@ add_job_routes(router, "/bases/jobs", BASIS, "basis build",
 
 
 @router.get("/bases/{basis}", response_model=BasisDetail, dependencies=[ApiKey],
-            responses={404: {"description": "unknown basis"}, 409: {"description": "a basis of other model weights"}},
+            responses={404: {"description": "unknown basis or model"},
+                       409: {"description": "a basis of another model (the message names it)"}},
             summary="One basis, with per-unit k at 0.9 / 0.99")
 async def get_basis(rt: ReadyDep, basis: str = Path(..., pattern=BASIS_REF, description="an id (b-<16 hex>) or a "
-                                                                                        "name (the newest with it)")
-                    ) -> dict[str, Any]:
+                                                                                        "name (the newest with it)"),
+                    model: str | None = ModelQuery) -> dict[str, Any]:
+    rt = await rt.use(model)
     bases = rt.bases
 
     def build() -> dict[str, Any]:

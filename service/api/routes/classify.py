@@ -33,6 +33,7 @@ from service.api.schemas import (
     COEFFICIENT_REF,
     FORM_LABEL_SET,
     LABEL_SET_ID,
+    MODEL_NAME,
     ClassifyRequest,
     ClassifyResponse,
 )
@@ -44,11 +45,11 @@ router = APIRouter(tags=["classify"])
 
 _BODY = JsonBody(ClassifyRequest)
 Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # shown scores (n, C), logits (n, C), (n, U, C)
-MULTIPART_FIELDS = ("images", "label_set", "label_set_id", "coefficients", "top_k", "scores", "explain")
+MULTIPART_FIELDS = ("images", "label_set", "label_set_id", "coefficients", "top_k", "scores", "explain", "model")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown label set or coefficient set"},
-    409: {"description": "the coefficient set belongs to other model weights"},
+    404: {"description": "unknown model, label set or coefficient set"},
+    409: {"description": "the coefficient set or label set belongs to another model (the message names it)"},
     413: {"description": "request, image or answer too large (images x top_k x (explain + 1)), or too many pixels"},
     415: {"description": "not JSON or multipart, or an unsupported or undecodable image"},
     422: {"description": "invalid request"},
@@ -148,7 +149,8 @@ def _answer(rt: Ready, body: ClassifyRequest, classes: list[str], ls_id: str, lo
                      "coefficients": {"type": "string", "pattern": COEFFICIENT_REF},
                      "top_k": {"type": "integer", "minimum": 1, "maximum": 1000},
                      "scores": {"type": "string", "enum": ["softmax", "cosine"]},
-                     "explain": {"type": "integer", "minimum": 1, "maximum": 100000}},
+                     "explain": {"type": "integer", "minimum": 1, "maximum": 100000},
+                     "model": {"type": "string", "pattern": MODEL_NAME}},
                      "additionalProperties": False, **FORM_LABEL_SET},
                      "encoding": {"label_set": {"contentType": "application/json"}}}}}})
 async def classify(request: Request, rt: ReadyDep) -> Response:
@@ -159,6 +161,7 @@ async def classify(request: Request, rt: ReadyDep) -> Response:
     """
     s = rt.settings
     body, blobs = await _parse(request, rt)
+    rt = await rt.use(body.model)
     if not blobs:
         raise InvalidRequest(f"images is empty; send 1 to {s.max_images} images")
     if len(blobs) > s.max_images:
@@ -209,5 +212,5 @@ async def classify(request: Request, rt: ReadyDep) -> Response:
     except TimeoutError as exc:
         rt.metrics.rejected.labels(reason="timeout").inc()
         raise Timeout(f"the request did not finish within {s.request_timeout_s:g} s") from exc
-    rt.metrics.images_classified.inc(len(blobs))
+    rt.engine.metrics.images_classified.inc(len(blobs))
     return Response(content, media_type="application/json")

@@ -1,10 +1,11 @@
 """OpenAI-shaped embeddings for images and texts: ``POST /v1/embeddings``, ``GET /v1/models`` (API key).
 
-``model`` is the served model (``residual-tiny``) or ``<model>:<coefficient set>[@version]``: images then get the
-embedding adapted by that set (the fused path, as /classify uses it). Coefficient sets adapt the image side only,
-so texts are the same under every set. Embeddings are L2-normalised; ``encoding_format: "base64"`` sends each as
-the base64 of little-endian float32 bytes (what the official ``openai`` client asks for by default). Images go
-through the image pipeline and the batcher like /classify; texts use the Redis-backed prompt cache.
+``model`` is a served model (``residual-tiny``; ``GET /v1/models`` lists them) or
+``<model>:<coefficient set>[@version]``: images then get the embedding adapted by that set (the fused path, as
+/classify uses it). Coefficient sets adapt the image side only, so texts are the same under every set. Embeddings
+are L2-normalised; ``encoding_format: "base64"`` sends each as the base64 of little-endian float32 bytes (what the
+official ``openai`` client asks for by default). Images go through the image pipeline and the batcher like
+/classify; texts use the Redis-backed prompt cache.
 """
 
 from __future__ import annotations
@@ -35,17 +36,26 @@ _BODY = JsonBody(EmbeddingsRequest)
 
 
 def _coefficients(rt: Ready, model: str) -> LoadedCoefficients | None:
-    """Blocking (io pool): the coefficient set a model string names, or None for the plain model."""
-    name, sep, ref = model.partition(":")
-    served = rt.model.name
-    if name != served:
-        raise NotFound(f"model {model[:80]!r} is not served here; this replica serves {served!r} and "
-                       f"'{served}:<coefficient set>' (GET /v1/models lists them)")
+    """Blocking (io pool): the coefficient set a model string names (``rt`` is bound to its model), or None."""
+    _, sep, ref = model.partition(":")
     if not sep:
         return None
     if not ref:
         raise InvalidRequest(f"model {model[:80]!r}: name a coefficient set after ':'")
     return rt.coefficients.resolve(ref)
+
+
+def _model_ids(rt: Ready) -> list[str]:
+    """Blocking: every served model, and ``<model>:<set>`` for each coefficient set whose active version belongs to
+    one (read from the versions' metadata: listing never loads a model)."""
+    ids = list(rt.models.names)
+    for name in rt.artifacts.names():
+        active = rt.artifacts.active(name)
+        meta = rt.artifacts.version_meta(name, active) if active is not None else None
+        owner = rt.models.weights_owner(str(meta.get("weights_id"))) if meta is not None else None
+        if owner is not None:
+            ids.append(f"{owner}:{name}")
+    return ids
 
 
 def _encode(vectors: torch.Tensor, fmt: str) -> list[list[float] | str]:
@@ -70,7 +80,7 @@ def _texts(inputs: list[str], limit: int) -> list[str]:
              openapi_extra=_BODY.openapi,
              summary="OpenAI-compatible embeddings of texts or images (optionally adapted by a coefficient set)",
              responses={404: {"description": "unknown model or coefficient set"},
-                        409: {"description": "the coefficient set belongs to other model weights"},
+                        409: {"description": "the coefficient set belongs to another model (the message names it)"},
                         413: {"description": "body, image or pixels too large"},
                         415: {"description": "not application/json, or an undecodable image"},
                         422: {"description": "invalid request"}, 429: {"description": "overloaded"},
@@ -79,13 +89,18 @@ async def embeddings(rt: ReadyDep, body: EmbeddingsRequest = _BODY.depends) -> E
     """Texts: the text tower's embedding (normalised; prompt embeddings cached in Redis). Images: the model's
     embedding, or with ``<model>:<set>`` the embedding adapted by that coefficient set (normalised)."""
     s = rt.settings
+    requested = body.model or rt.models.default
+    name = requested.partition(":")[0]
+    if name not in rt.models.names:
+        raise NotFound(f"model {requested[:80]!r} is not served here; the models are {', '.join(rt.models.names)}, "
+                       "each also as '<model>:<coefficient set>' (GET /v1/models lists them)")
+    rt = await rt.use(name)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
         raise InvalidRequest("input is empty")
     d = rt.model.backbone.geometry.out_dim
     if body.dimensions is not None and body.dimensions != d:
         raise InvalidRequest(f"dimensions {body.dimensions}: this model's embeddings have {d} (no truncation)")
-    requested = body.model or rt.model.name
     loaded = await rt.io.run(_coefficients, rt, requested)
     tokens = 0
     if body.modality == "text":
@@ -108,16 +123,16 @@ async def embeddings(rt: ReadyDep, body: EmbeddingsRequest = _BODY.depends) -> E
 
         vectors = await rt.io.run(adapt)
     encoded = await rt.io.run(_encode, vectors, body.encoding_format)
-    rt.metrics.embeddings.labels(modality=body.modality).inc(len(inputs))
+    rt.engine.metrics.embeddings.labels(modality=body.modality).inc(len(inputs))
     model = requested if loaded is None else f"{rt.model.name}:{loaded.ref}"
     return EmbeddingsResponse(data=[EmbeddingItem(index=i, embedding=e) for i, e in enumerate(encoded)],
                               model=model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[ApiKey],
-            summary="The served model and one entry per coefficient set ('<model>:<set>')")
+            summary="Every served model and one entry per coefficient set ('<model>:<set>')")
 async def models(rt: ReadyDep) -> dict[str, Any]:
-    served = rt.model.name
-    names = await rt.io.run(rt.coefficients.active_names)
-    return {"object": "list", "data": [{"id": served, "created": _STARTED}]
-            + [{"id": f"{served}:{n}", "created": _STARTED} for n in names]}
+    """The models first (the default first), then ``<model>:<set>`` for each coefficient set whose active version
+    belongs to a served model. A model that has not loaded yet (memory budget) lists its sets once it has."""
+    ids = await rt.io.run(_model_ids, rt)
+    return {"object": "list", "data": [{"id": i, "created": _STARTED} for i in ids]}

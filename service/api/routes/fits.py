@@ -31,8 +31,9 @@ router = APIRouter(tags=["alignment"])
 _BODY = JsonBody(FitRequest)
 
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown dataset, label set or basis"},
-    409: {"description": "no basis for the served weights (build one with POST /bases), or a basis of other weights"},
+    404: {"description": "unknown model, dataset, label set or basis"},
+    409: {"description": "no basis for the model (build one with POST /bases), or a basis or label set of another "
+                         "model"},
     413: {"description": "the body, an image, or the label set's prompts over their limits"},
     415: {"description": "the body is not application/json, or an image is undecodable"},
     422: {"description": "invalid request"},
@@ -59,6 +60,7 @@ async def submit_fit(rt: ReadyDep, body: FitRequest = _BODY.depends) -> JobAccep
     templates. ``variant`` chooses what is learned (see its description); the finished job names the ``basis``."""
     s = rt.settings
     check_name(body.name)
+    rt = await rt.use(body.model)
     blobs = await rt.io.run(_inline, rt, body.dataset) if isinstance(body.dataset, InlineDataset) else None
     inline_labels = sorted(set(body.dataset.labels)) if isinstance(body.dataset, InlineDataset) else None
     if blobs is not None:  # inline data: the label set comes with the request, checked against its labels
@@ -82,14 +84,14 @@ async def submit_fit(rt: ReadyDep, body: FitRequest = _BODY.depends) -> JobAccep
     assert source is not None
     spec = FitJob(name=body.name, variant=body.variant, basis=basis, hyperparameters=body.hyperparameters,
                   activate=body.activate, classes=classes, templates=templates, source=source,
-                  weights_id=rt.model.weights_id)
+                  weights_id=rt.model.weights_id, model=rt.model.name)
     try:
         job = await rt.io.run(queue.enqueue, rt.jobs_redis, spec, body.name, s.job_timeout_s, s.job_result_ttl_s)
     except BaseException:
         if created is not None:  # refused: the inline dataset this request stored goes too
             await rt.io.run(rt.datasets.remove, created)
         raise
-    return JobAccepted(job_id=job.id, status_url=f"/fit-alignment/{job.id}")
+    return JobAccepted(model=rt.model.name, job_id=job.id, status_url=f"/fit-alignment/{job.id}")
 
 
 async def _inline_label_set(rt: ReadyDep, body: FitRequest, labels: list[str]) -> tuple[list[str], list[str]]:

@@ -26,7 +26,7 @@ from service import sources
 from service.analysis import heads_matrix
 from service.api.auth import AdminKey, ApiKey
 from service.api.body import JsonBody
-from service.api.deps import Ready, ReadyDep, source_and_label_set
+from service.api.deps import ModelQuery, Ready, ReadyDep, source_and_label_set
 from service.api.job_routes import JOB_ID_PARAM, add_job_routes, job_status
 from service.api.schemas import (
     BASIS_REF,
@@ -49,8 +49,8 @@ _BODY = JsonBody(AlignmentRequest)
 SPECTRUM_VALUES = ("k_90", "k_99", "participation_ratio", "twonn", "evr_1")
 _BASIS = Query(None, pattern=BASIS_REF, description="a basis id or name (GET /bases); default: the default basis")
 _NO_BASIS: dict[int | str, dict[str, Any]] = {
-    409: {"description": "no basis for the served weights (build one with POST /bases), or a basis of other weights"},
-    404: {"description": "unknown basis"}}
+    409: {"description": "no basis for the model (build one with POST /bases), or a basis of another model"},
+    404: {"description": "unknown basis or model"}}
 _PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG picture"}}
 _LAYER = Path(..., ge=0, le=1023, description="layer index (0-based; 404 past the model's last layer)")
 _HEAD = Path(..., ge=0, le=1023, description="head index within the layer (0-based; 404 past the last head)")
@@ -61,15 +61,16 @@ _HEAD = Path(..., ge=0, le=1023, description="head index within the layer (0-bas
 
 @router.get("/heads", response_model=HeadSpectra, dependencies=[ApiKey], responses=_NO_BASIS,
             summary="Spectra and intrinsic dimension of every unit")
-async def list_heads(rt: ReadyDep, basis: str | None = _BASIS) -> dict[str, Any]:
+async def list_heads(rt: ReadyDep, basis: str | None = _BASIS, model: str | None = ModelQuery) -> dict[str, Any]:
     """One row per unit in paper order (emb, MLP of each layer, then each head by layer and head).
 
     Fields: cumulative explained-variance ratio of the first 32 components (``evr``), ``k_90`` and ``k_99`` (the
     number of components that explain more than 90 / 99 % of the variance), ``participation_ratio``
     ((sum of eigenvalues)^2 / sum of squares), ``evr_1`` and the TwoNN intrinsic dimension (``twonn``) on
     ``twonn_samples`` images of the basis's own source. ``basis`` names the basis (id, name, source). The first
-    call per basis computes, later calls are served from memory. 409 when the served weights have no basis yet.
+    call per basis computes, later calls are served from memory. 409 when the model has no basis yet.
     """
+    rt = await rt.use(model)
     return await rt.heads.spectra(basis)
 
 
@@ -77,7 +78,8 @@ async def list_heads(rt: ReadyDep, basis: str | None = _BASIS) -> dict[str, Any]
             summary="Layer x head heatmap of a spectral quantity")
 async def spectrum_png(rt: ReadyDep, value: Literal["k_90", "k_99", "participation_ratio", "twonn", "evr_1"] =
                        Query("k_90", description="the per-head quantity to draw"),
-                       basis: str | None = _BASIS) -> Response:
+                       basis: str | None = _BASIS, model: str | None = ModelQuery) -> Response:
+    rt = await rt.use(model)
     spectra = await rt.heads.spectra(basis)
     g = spectra["geometry"]
     matrix = heads_matrix(spectra, value, g["layers"], g["heads"])
@@ -135,11 +137,11 @@ async def _run_or_enqueue(body: AlignmentRequest, rt: Ready) -> tuple[dict[str, 
     if n > s.heads_sync_max_images:
         assert source is not None
         spec = HeadAlignmentJob(classes=classes, templates=templates, label_set_id=ls_id, source=source,
-                                basis=basis_ref, params=params, weights_id=rt.model.weights_id)
+                                basis=basis_ref, params=params, weights_id=rt.model.weights_id, model=rt.model.name)
         job = await rt.io.run(queue.enqueue, rt.jobs_redis, spec, f"heads:{sources.source_name(source)}",
                               s.job_timeout_s, s.job_result_ttl_s)
         url = f"/heads/alignment/{job.id}"
-        accepted = HeadJobAccepted(job_id=job.id, status_url=url, images=n,
+        accepted = HeadJobAccepted(model=rt.model.name, job_id=job.id, status_url=url, images=n,
                                    reason=f"{n} images exceed heads_sync_max_images ({s.heads_sync_max_images})")
         return None, JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": url})
     class_emb = await rt.io.run(rt.text.class_embeddings, ls_id, classes, templates)
@@ -150,8 +152,9 @@ async def _run_or_enqueue(body: AlignmentRequest, rt: Ready) -> tuple[dict[str, 
 _ALIGN_ERRORS: dict[int | str, dict[str, Any]] = {
     202: {"description": "too many images to answer directly: a job was queued (see status_url)",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HeadJobAccepted"}}}},
-    404: {"description": "unknown dataset, label set or basis"},
-    409: {"description": "no basis for the served weights (build one with POST /bases)"},
+    404: {"description": "unknown model, dataset, label set or basis"},
+    409: {"description": "no basis for the model (build one with POST /bases), or a label set or basis of another "
+                         "model"},
     413: {"description": "request, image or label set too large"},
     415: {"description": "not application/json, or an undecodable image"}, 422: {"description": "invalid request"},
     503: {"description": "not ready, or the job queue is unavailable"},
@@ -171,6 +174,7 @@ async def alignment(rt: ReadyDep, body: AlignmentRequest = _BODY.depends) -> Any
     split into stratified halves. Each head also carries the basis's ``k_90`` and ``evr_1``, and ``basis`` names
     the basis.
     """
+    rt = await rt.use(body.model)
     report, accepted = await _run_or_enqueue(body, rt)
     return accepted if accepted is not None else report
 
@@ -193,6 +197,7 @@ async def alignment_png(rt: ReadyDep, body: AlignmentRequest = _BODY.depends,
                         picture: Literal["heatmap", "ablation"] = Query("heatmap")) -> Response:
     """The same computation as ``POST /heads/alignment``; a job (202) when the data are too large to answer now,
     whose picture is then at ``GET /heads/alignment/{job_id}.png``."""
+    rt = await rt.use(body.model)
     report, accepted = await _run_or_enqueue(body, rt)
     if accepted is not None:
         return accepted
@@ -211,8 +216,8 @@ async def alignment_job_png(rt: ReadyDep, job_id: str = JOB_ID_PARAM,
     info = await rt.io.run(job_status, rt, job_id, HEADS)
     if info["status"] != "succeeded" or "heads" not in info:
         raise Conflict(f"job {job_id} is {info['status']}, not a finished head alignment")
-    g = rt.model.backbone.geometry
-    png = await rt.analysis.run(_alignment_picture, info, score, picture, g.layers, g.heads)
+    layers, heads = max(h["layer"] for h in info["heads"]) + 1, max(h["head"] for h in info["heads"]) + 1
+    png = await rt.analysis.run(_alignment_picture, info, score, picture, layers, heads)  # the job's model's shape
     return Response(png, media_type="image/png")
 
 
@@ -231,13 +236,14 @@ async def head_detail(rt: ReadyDep, layer: int = _LAYER, head: int = _HEAD,
                       atoms: int = Query(10, ge=1, le=50, description="texts describing the head"),
                       components: int = Query(5, ge=0, le=32, description="principal components described"),
                       component_atoms: int = Query(5, ge=1, le=20, description="texts per component"),
-                      basis: str | None = _BASIS) -> dict[str, Any]:
+                      basis: str | None = _BASIS, model: str | None = ModelQuery) -> dict[str, Any]:
     """Eigenvalues and cumulative EVR of all components; the head's outputs on the reference sample described by
     ``atoms`` dictionary texts (weights: RMS coefficient for SOMP, explained variance for TextSpan); each of the
     top ``components`` principal components described by OMP (signed weights: a component's sign is arbitrary).
     The head description needs images of the basis's source; for a basis built elsewhere it is null and
     ``description_note`` says why.
     """
+    rt = await rt.use(model)
     return await rt.heads.head_detail(layer, head, atoms, components, component_atoms, method, basis)
 
 
@@ -246,7 +252,9 @@ async def head_detail(rt: ReadyDep, layer: int = _LAYER, head: int = _HEAD,
 async def head_spectrum_png(rt: ReadyDep, layer: int = _LAYER, head: int = _HEAD,
                             n: int = Query(32, ge=2, le=4096, description="components drawn"),
                             basis_ref: str | None = Query(None, alias="basis", pattern=BASIS_REF,
-                                                          description="a basis id or name (GET /bases)")) -> Response:
+                                                          description="a basis id or name (GET /bases)"),
+                            model: str | None = ModelQuery) -> Response:
+    rt = await rt.use(model)
     rt.heads.head_index(layer, head)  # 404 for a head the model does not have
     _, basis = await rt.analysis.run(rt.heads.basis, basis_ref)
     g = rt.model.backbone.geometry

@@ -22,8 +22,10 @@ async def livez() -> Alive:
 @router.get("/readyz", response_model=Ready, summary="Readiness: 200 when the routes would serve",
             responses={503: {"description": "loading, failed to load, batcher restarting, or shutting down"}})
 async def readyz(request: Request) -> Response:
-    """503 exactly when the routes answer 503 (``Runtime.problem``): model not loaded, batcher dead and
-    restarting, a thread pool down, or SIGTERM received. A Redis that is down, or a job queue that refuses writes
+    """503 exactly when the routes answer 503 (``Runtime.problem``): the default model not loaded, its batcher dead
+    and restarting, a thread pool down, or SIGTERM received. ``models`` lists every served model and its state: a
+    model other than the default that is still loading, failed, or waits for its first use (memory budget) is
+    reported there, and the replica is ready all the same. A Redis that is down, or a job queue that refuses writes
     (a full Redis), is ``degraded`` (200): classification goes on, jobs answer 503 until it recovers."""
     rt = get_runtime(request)
     problem = rt.problem()
@@ -45,7 +47,7 @@ async def readyz(request: Request) -> Response:
                  weights_id=ready.model.weights_id, device=str(ready.model.backbone.device),
                  redis="up" if redis_up else "down", queue=queue,
                  auth="open" if s.api_key is None and s.admin_api_key is None else "enabled",
-                 queue_maxmemory_policy=policy, warnings=warnings)
+                 queue_maxmemory_policy=policy, warnings=warnings, models=rt.models.status())
     return JSONResponse(body.model_dump())
 
 

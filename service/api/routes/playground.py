@@ -41,7 +41,8 @@ async def playground(request: Request) -> HTMLResponse:
     s = rt.settings
     ready = rt.ready
     config = {
-        "model": ready.model.name if ready else s.model_name,
+        "model": ready.model.name if ready else rt.models.default,
+        "models": rt.models.names,  # the picker (the default first)
         "weights_id": ready.model.weights_id if ready else "loading",
         "auth": "open" if s.api_key is None and s.admin_api_key is None else "keys",
         "world_tasks": sources.world_tasks(),

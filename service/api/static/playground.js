@@ -16,7 +16,22 @@ function authHeaders(extra = {}) {
   return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
 }
 
-async function api(method, path, { json, body, contentType } = {}) {
+// the model picker: every request of a model-scoped route names the chosen model (the default needs no field)
+const MODEL_ROUTES = /^\/(classify|label-sets|fit-alignment$|heads|bases|coefficients|v1\/embeddings)/;
+function withModel(method, path, json, body) {
+  const m = $("model-picker").value;
+  if (!m || m === cfg.model || !MODEL_ROUTES.test(path)) return { path, json, body };
+  if (json !== undefined && json !== null && typeof json === "object") return { path, json: { ...json, model: m }, body };
+  if (body instanceof FormData) { body.append("model", m); return { path, json, body }; }
+  if (method === "GET" || (method === "POST" && path.includes("/activate"))) {
+    return { path: `${path}${path.includes("?") ? "&" : "?"}model=${encodeURIComponent(m)}`, json, body };
+  }
+  return { path, json, body };
+}
+
+async function api(method, rawPath, options = {}) {
+  const { path, json, body } = withModel(method, rawPath, options.json, options.body);
+  const { contentType } = options;
   const headers = authHeaders(json !== undefined ? { "content-type": "application/json" }
     : contentType ? { "content-type": contentType } : {});
   const init = { method, headers };
@@ -367,6 +382,16 @@ async function start() {
   initImages();
   initFit();
   $("model").textContent = `${cfg.model} · ${cfg.weights_id}`;
+  const picker = $("model-picker");
+  picker.replaceChildren(...cfg.models.map((m) => el("option", { value: m }, m === cfg.model ? `${m} (default)` : m)));
+  $("model-pick").hidden = cfg.models.length < 2;
+  picker.addEventListener("change", () => guarded(async () => {
+    // another model: other coefficient sets, bases and heads
+    state.geometry = null; state.headInfo = new Map(); state.last = null;
+    $("model").textContent = picker.value === cfg.model ? `${cfg.model} · ${cfg.weights_id}` : picker.value;
+    $("coefficients").value = "";
+    await loadLists();
+  }));
   const first = cfg.world_tasks.colour || Object.values(cfg.world_tasks)[0];
   if (first) { $("classes").value = first.classes.join("\n"); $("templates").value = first.templates.join("\n"); }
   $("run-classify").addEventListener("click", () => guarded(classify));
