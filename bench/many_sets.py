@@ -10,7 +10,7 @@ K = 1, and the bytes of coefficient sets resident in the API process (``residual
 
     python bench/many_sets.py --sets 1,1000 --json bench/out/many_sets.json
     python bench/many_sets.py --smoke
-    # a GPU with ViT-B-16 (random weights with the real geometry, a basis built from world images first):
+    # a GPU with ViT-B-16 (seeded random weights with the real geometry, a basis fitted on world images first):
     python bench/many_sets.py --model ViT-B-16 --device cuda --sets 1,1000 --images 16 --clients 16 \\
         --json bench/out/many_sets_gpu.json
 """
@@ -40,14 +40,22 @@ from residual.tiny.reference import reference_images, shipped_basis_path
 TASK = tasks.TASKS["colour"]
 
 
-def _basis(model: str, device: str, artifacts: Path) -> Basis:
-    """The shipped basis of residual-tiny, or one fitted here on world images (other architectures)."""
+def _model(model: str, device: str, artifacts: Path) -> tuple[Basis, str | None]:
+    """(basis, weights file): residual-tiny's shipped basis and weights, or an architecture with random weights
+    (seeded, saved to a file the API loads) and a basis fitted here on 256 world images."""
     if model == "residual-tiny":
-        return Basis.load(shipped_basis_path())
-    bb = load_backbone(model, device=device)
+        return Basis.load(shipped_basis_path()), None
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cpu = load_backbone(model, "random", device="cpu")
+    weights = artifacts / f"{model}-random.safetensors"
+    save_file({k: v.contiguous() for k, v in cpu.model.state_dict().items()}, str(weights))
+    bb = load_backbone(model, str(weights), device=device)
     basis = fit_basis(bb, [bb.pixels_from_arrays(reference_images(256))])
     basis.save(artifacts / "bases" / "bench.safetensors")
-    return basis
+    del bb, cpu
+    return basis, str(weights)
 
 
 def write_sets(artifacts: Path, basis: Basis, k: int) -> list[str]:
@@ -134,17 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     ks = sorted({int(k) for k in args.sets.split(",")})
     artifacts = Path(tempfile.mkdtemp(prefix="bench-sets-"))
     t0 = time.perf_counter()
-    names = write_sets(artifacts, _basis(args.model, args.device, artifacts), max(ks))
+    basis, weights = _model(args.model, args.device, artifacts)
+    names = write_sets(artifacts, basis, max(ks))
     print(f"wrote {len(names)} coefficient sets in {time.perf_counter() - t0:.1f} s")  # noqa: T201
-    server, url = start_api({"RESIDUAL_ARTIFACT_DIR": str(artifacts), "RESIDUAL_DEVICE": args.device,
-                             "RESIDUAL_MODEL_NAME": args.model,
-                             "HF_HUB_OFFLINE": "1"}, timeout_s=600)
+    env = {"RESIDUAL_ARTIFACT_DIR": str(artifacts), "RESIDUAL_DEVICE": args.device, "RESIDUAL_MODEL_NAME": args.model,
+           "HF_HUB_OFFLINE": "1", **({"RESIDUAL_MODEL_WEIGHTS": weights} if weights else {})}
+    server, url = start_api(env, timeout_s=600)
     try:
         images = _images(args.images)
+        scores = set()
         with httpx.Client(base_url=url, timeout=120) as http:  # every set once: loads are not what is measured
             for name in names:
                 r = http.post("/classify", json={"images": images[:1], "coefficients": name, "top_k": 1})
                 r.raise_for_status()
+                if r.json()["coefficients"] != f"{name}@v1":
+                    raise RuntimeError(f"asked for {name}, answered with {r.json()['coefficients']}")
+                scores.add(round(r.json()["results"][0]["top"][0]["score"], 6))  # each set changes the answer
         runs: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
         for rnd in range(args.rounds):
             for k in ks:
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                      "vs_one_set": round(ips / base, 3), "errors": sum(r["errors"] for r in runs[k]),
                      "resident_bytes": int(resident), "resident_sets": int(sets_held)})
     result = {"model": args.model, "device": args.device, "clients": args.clients, "images_per_request": args.images,
-              "seconds": args.seconds, "rounds": args.rounds, "rows": rows}
+              "seconds": args.seconds, "rounds": args.rounds, "distinct_answers": len(scores), "rows": rows}
     print("| sets | images/s | p95 ms | vs K=1 | errors |")  # noqa: T201
     print("|---|---|---|---|---|")  # noqa: T201
     for r in rows:

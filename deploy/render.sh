@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Render or apply an overlay of deploy/k8s after checking that the keys exist:
-#   bash deploy/render.sh cpu|gpu            # print the manifests (kubectl kustomize)
+#   bash deploy/render.sh cpu|gpu|gpu-two-models   # print the manifests (kubectl kustomize)
 #   bash deploy/render.sh cpu|gpu apply      # kubectl apply -k
 # The Secret comes from deploy/k8s/base/secrets.env, which deploy/make-secrets.sh writes; without it kustomize
 # would stop with a bare "evalsymlink failure" on the missing file.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-overlay=${1:?usage: deploy/render.sh cpu|gpu [apply]}
+overlay=${1:?usage: deploy/render.sh cpu|gpu|gpu-two-models [apply]}
 if [ ! -d "$here/k8s/overlays/$overlay" ]; then
-  echo "no overlay '$overlay' (choose cpu or gpu)" >&2
+  echo "no overlay '$overlay' (choose cpu, gpu or gpu-two-models)" >&2
   exit 2
 fi
 if [ ! -f "$here/k8s/base/secrets.env" ]; then

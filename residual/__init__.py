@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "extract_batched": "residual.decomposition",
     "fit": "residual.fitting",
     "fit_basis": "residual.basis",
+    "basis_similarity": "residual.basis",
     "fuse": "residual.coefficients",
     "init_coefficients": "residual.coefficients",
     "k_at": "residual.spectral",
@@ -75,7 +76,7 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:  # the real imports, for type checkers
     from residual.backbone import EMBEDDED_MODELS, Backbone, Geometry, load_backbone, wrap_model
-    from residual.basis import Basis, fit_basis
+    from residual.basis import Basis, basis_similarity, fit_basis
     from residual.classifier import (
         DEFAULT_TEMPLATES,
         LOGIT_CONVENTION,
@@ -161,6 +162,7 @@ __all__ = [
     "extract",
     "extract_batched",
     "fit",
+    "basis_similarity",
     "fit_basis",
     "fuse",
     "init_coefficients",

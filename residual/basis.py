@@ -16,11 +16,11 @@ import torch
 
 from residual.backbone import Backbone, Geometry
 from residual.decomposition import LinearisedLN, Unit, decompose, unit_table
-from residual.errors import CoefficientShapeError
+from residual.errors import BasisMismatchError, CoefficientShapeError
 from residual.io import load_tensors, save_tensors, tensors_hash
-from residual.spectral import PCA, StreamingPCA
+from residual.spectral import PCA, StreamingPCA, explained_variance, k_at, spectral_cosine
 
-__all__ = ["Basis", "basis_from_units", "fit_basis"]
+__all__ = ["Basis", "basis_from_units", "basis_similarity", "fit_basis"]
 
 FORMAT = "residual.basis/1"
 
@@ -141,3 +141,25 @@ def basis_from_units(
         source=source or {},
         name=name,
     )
+
+
+def basis_similarity(a: Basis, b: Basis, tau: float = 0.9) -> torch.Tensor:
+    """(U,) per-unit normalised spectral cosine between two bases of the same weights (docs/method.md §5.2).
+
+    For each unit, the components of each basis up to k at ``tau`` (``k_at`` of its cumulative EVR), weighted by
+    their eigenvalues, compared with :func:`residual.spectral.spectral_cosine`: 1 for identical bases, symmetric.
+    The paper's Experiment 2 compares every head's basis across datasets this way.
+
+    Raises:
+        BasisMismatchError: the bases belong to different model weights (their units are not the same units).
+    """
+    if a.weights_id != b.weights_id or a.geometry != b.geometry:
+        raise BasisMismatchError(f"the bases belong to different model weights ({a.weights_id}, {b.weights_id})")
+    ka = k_at(explained_variance(a.eigenvalues), tau)  # (U,)
+    kb = k_at(explained_variance(b.eigenvalues), tau)  # (U,)
+    out = torch.empty(a.geometry.n_units, dtype=torch.float64)
+    for u in range(a.geometry.n_units):
+        i, j = int(ka[u]), int(kb[u])
+        # symmetric: the greedy matching takes the same pairs whichever basis comes first
+        out[u] = spectral_cosine(a.components(u)[:i], b.components(u)[:j], a.eigenvalues[u, :i], b.eigenvalues[u, :j])
+    return out

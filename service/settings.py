@@ -119,8 +119,8 @@ class Settings(BaseSettings):
     coefficient_cache_bytes: PositiveInt | None = Field(
         None, description="bytes of loaded coefficient sets kept per model (LRU; a set is 0.85 MB at residual-tiny, "
                           "~39 MB at ViT-B/16). Default: follows the device the sets live on, the model's: an eighth "
-                          "of the host memory on CPU (at least 512 MiB), a quarter of the GPU's on CUDA, shared by "
-                          "the models on that device")
+                          "of the host memory on CPU (at least 512 MiB), a third of the GPU's on CUDA (a thousand "
+                          "ViT-B/16 sets on an H200), shared by the models on that device")
     coefficient_load_concurrency: PositiveInt = Field(2, description="coefficient sets loaded at once")
     shutdown_timeout_s: PositiveFloat = Field(
         20.0, description="after SIGTERM: how long in-flight requests may finish before they are failed")
@@ -199,7 +199,7 @@ class Settings(BaseSettings):
         ``models_on_device``."""
         if self.coefficient_cache_bytes is not None:
             return self.coefficient_cache_bytes
-        return max(512 * 2**20, _device_bytes(device) // (4 if device.startswith("cuda") else 8)) // max(
+        return max(512 * 2**20, _device_bytes(device) // (3 if device.startswith("cuda") else 8)) // max(
             1, models_on_device)
 
     def batch_size_for(self, device_type: str) -> int:

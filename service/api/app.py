@@ -52,7 +52,7 @@ from service.engine.text_cache import RedisState
 from service.errors import ServiceError
 from service.jobs import queue
 from service.metrics import JobsCollector, Metrics
-from service.settings import Settings, get_settings
+from service.settings import MODEL_NAME, Settings, get_settings
 from service.stores.artifacts import ArtifactStore
 
 __all__ = ["create_app"]
@@ -182,6 +182,7 @@ def _openapi(app: FastAPI, settings: Settings, routes: list[BaseRoute]) -> dict[
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     _limits(components, settings)
+    _model_names(schema, [m.name for m in settings.model_specs()])
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
     scopes = {(getattr(route, "path_format", ""), m): route_scope(route) for route in routes
               for m in getattr(route, "methods", None) or ()}
@@ -209,6 +210,26 @@ def _openapi(app: FastAPI, settings: Settings, routes: list[BaseRoute]) -> dict[
                     answer["headers"] = {"Allow": {"schema": {"type": "string"},
                                                    "description": "the methods this path takes"}}
     return schema
+
+
+def _model_names(schema: dict[str, Any], names: list[str]) -> None:
+    """Every ``model`` field, form field and ``?model=`` of the schema lists the served models (``enum``)."""
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            model = node.get("properties", {}).get("model")
+            if isinstance(model, dict) and model.get("pattern") == MODEL_NAME:
+                model["enum"] = [*names, None] if any(v.get("type") == "null" for v in model.get("anyOf", [])) \
+                    else list(names)
+            if node.get("name") == "model" and node.get("in") == "query":
+                node["schema"]["enum"] = list(names)  # a query parameter is absent or a string, never null
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
 
 
 def _limits(components: dict[str, Any], s: Settings) -> None:

@@ -19,14 +19,15 @@ from service.sources import world_task_names
 from service.validation import INTEGRAL, Integer
 
 __all__ = ["BASIS_REF", "COEFFICIENT_REF", "DATASET_REF", "JOB_ID", "LABEL_SET_ID", "MODEL_NAME", "NAME", "VERSION",
-           "Activate", "LabelSetRequest", "ModelState",
-           "Alive", "AlignmentReport", "AlignmentRequest", "AlignmentSizes", "BasisDetail", "BasisList", "BasisOut",
-           "BasisRef", "BasisRequest", "BasisUnit", "ClassifyRequest", "ClassifyResponse", "CoefficientSetSummary",
-           "CoefficientSets", "CoefficientVersion", "CoefficientVersions", "Contribution", "DatasetInfo",
-           "DefaultBasis", "EmbeddingItem", "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "FitRequest",
-           "HeadDetail", "HeadJobAccepted", "HeadSpectra", "ImageResult", "InlineDataset", "JobAccepted", "JobInfo",
-           "JobList", "LabelSet", "LabelSetCreated", "LabelSetOut", "ModelCard", "ModelList", "Prediction", "Ready",
-           "UnitSpectrum", "Usage", "WorldSizes"]
+           "Activate", "AlignmentReport", "AlignmentRequest", "AlignmentSizes", "Alive", "BasisComparison",
+           "BasisDetail", "BasisList", "BasisOut", "BasisRef", "BasisRequest", "BasisUnit", "ClassifyRequest",
+           "ClassifyResponse", "CoefficientSetSummary", "CoefficientSets", "CoefficientVersion",
+           "CoefficientVersions", "Contribution", "DatasetInfo", "DefaultBasis", "DiagnoseRequest", "EmbeddingItem",
+           "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "FitRequest", "HeadDetail", "HeadJobAccepted",
+           "HeadSpectra", "ImageResult", "InlineDataset", "JobAccepted", "JobInfo", "JobList", "LabelSet",
+           "LabelSetCreated", "LabelSetDiagnosis", "LabelSetOut", "LabelSetRequest", "ModelCard", "ModelList",
+           "ModelState", "Prediction", "Ready", "SimilaritySummary", "UnitSimilarity", "UnitSpectrum", "Usage",
+           "WorldSizes"]
 
 _PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 
@@ -202,6 +203,72 @@ class LabelSetOut(BaseModel):
     templates: list[str]
 
 
+class DiagnoseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"label_set": {"classes": ["cat", "dog", "kitten"]}},
+        {"dataset": "world:colour"},
+        {"label_set_id": "ls-0123456789abcdef0123", "dataset": "ds-0123456789abcdef0123"}], **ONE_LABEL_SET})
+
+    label_set: LabelSet | None = None
+    label_set_id: str | None = Field(None, json_schema_extra=_pattern(LABEL_SET_ID))
+    dataset: str | None = Field(None, description="labelled images to measure zero-shot on: a dataset id or "
+                                                  "'world:<task>' (its val split); without a label set, theirs",
+                                json_schema_extra=_pattern(DATASET_REF))
+    images: Integer = Field(500, ge=10, le=2000, description="world tasks: val images used")
+    top: Integer = Field(10, ge=1, le=100, description="pairs and heads listed")
+    model: str | None = _model_field()
+
+
+class ClassPair(BaseModel):
+    a: str
+    b: str
+    cosine: float = Field(..., description="cosine of the two classes' prompt-averaged text embeddings")
+
+
+class HeadTextShare(BaseModel):
+    unit: str
+    layer: int
+    head: int
+    text_share: float = Field(..., description="share of the label set's text directions inside the head's "
+                                               "subspace (k at 0.9), in [0, 1]")
+    k_90: int
+
+
+class ClassAccuracy(BaseModel):
+    label: str
+    images: int
+    accuracy: float | None = Field(..., description="null when the data hold no image of the class")
+
+
+class ConfusedPair(BaseModel):
+    true: str
+    predicted: str
+    count: int
+    share: float = Field(..., description="of the true class's images")
+
+
+class DataDiagnosis(BaseModel):
+    dataset: str
+    images: int
+    accuracy: float = Field(..., description="zero-shot accuracy on these images")
+    per_class: list[ClassAccuracy]
+    confusion: list[list[int]] = Field(..., description="rows: true class, columns: predicted, in label-set order")
+    confused_pairs: list[ConfusedPair] = Field(..., description="the most confused (true, predicted) pairs")
+
+
+class LabelSetDiagnosis(BaseModel):
+    model: str
+    label_set_id: str
+    classes: list[str]
+    pairs: list[ClassPair] = Field(..., description="the closest class pairs in text space, closest first: the "
+                                                    "classes zero-shot will confuse most")
+    basis: BasisRef | None = Field(..., description="the basis the head shares were measured in (null: none yet)")
+    heads: list[HeadTextShare] | None = Field(..., description="the heads that carry the label set, highest "
+                                                               "share first (null without a basis; see note)")
+    note: str | None = None
+    data: DataDiagnosis | None = Field(None, description="with a dataset: how zero-shot does on it")
+
+
 # ---- health -----------------------------------------------------------------------------------------------------
 
 
@@ -267,6 +334,9 @@ class WorldSizes(BaseModel):
 def _variant_doc() -> str:
     rows = [f"'{name}': {info.parameters}; {'needs a basis' if info.uses_basis else 'no basis'}; "
             f"{info.starting_point}" for name, info in VARIANT_INFO.items()]
+    rows.append("'auto': fits coarse, fine, full and linear on the same features (extracted once) and keeps the best "
+                "on validation, ties to fewer parameters; the report's 'variants' holds all four (lr: each "
+                "variant's default unless given)")
     return "what is learned. " + " | ".join(rows)
 
 
@@ -285,7 +355,7 @@ class FitRequest(BaseModel):
     dataset: InlineDataset | str = Field(..., description="inline images, a dataset id (POST /datasets), or "
                                                           "'world:<task>' ")
     world_sizes: WorldSizes | None = None
-    variant: Literal["full", "fine", "coarse", "linear"] = Field("full", description=_variant_doc())
+    variant: Literal["full", "fine", "coarse", "linear", "auto"] = Field("full", description=_variant_doc())
     hyperparameters: FitHyperparameters = Field(default_factory=FitHyperparameters)  # type: ignore[arg-type]
     basis: str = Field("reference", description="'reference' (the default basis), 'fit-on-train' (a PCA of this "
                                                 "dataset's training images), or a basis id or name (GET /bases)",
@@ -437,6 +507,37 @@ class DefaultBasis(BaseModel):
     basis_id: str | None = Field(..., description="what a request without 'basis' uses now (null: none yet)")
     rule: str = Field(..., description="why (RESIDUAL_REFERENCE_BASIS, the shipped basis, or the newest)")
     problem: str | None = Field(None, description="set when requests that need a basis would fail (409)")
+
+
+class UnitSimilarity(BaseModel):
+    unit: str = Field(..., description="'emb', 'L<layer>.MLP' or 'L<layer>.H<head>'")
+    similarity: float = Field(..., description="normalised spectral cosine of the unit's two bases, in [0, 1]")
+
+
+class SimilaritySummary(BaseModel):
+    heads_mean: float
+    heads_median: float
+    heads_min: float
+    heads_max: float
+    mlps_mean: float
+    least_similar_heads: list[str] = Field(..., description="the five heads whose bases differ most")
+
+
+class BasisComparison(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "model": "residual-tiny", "a": {"basis_id": "b-0123456789abcdef", "name": "imagenet-10k",
+                                        "source": {"kind": "dataset"}, "n_images": 10000},
+        "b": {"basis_id": "b-fedcba9876543210", "name": "sketches", "source": {"kind": "dataset"}, "n_images": 2000},
+        "tau": 0.9, "summary": {"heads_mean": 0.81, "heads_median": 0.85, "heads_min": 0.32, "heads_max": 0.99,
+                                "mlps_mean": 0.9, "least_similar_heads": ["L5.H2"]},
+        "units": [{"unit": "emb", "similarity": 1.0}]}]})
+
+    model: str
+    a: BasisRef
+    b: BasisRef
+    tau: float = Field(..., description="components kept per unit: k at this explained variance")
+    summary: SimilaritySummary
+    units: list[UnitSimilarity] = Field(..., description="one row per unit, in the paper's order")
 
 
 class BasisList(BaseModel):

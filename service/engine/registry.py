@@ -201,12 +201,15 @@ class ModelRegistry:
         slot.last_used = time.monotonic()
 
     # ---- loading and unloading ----------------------------------------------------------------------------------
-    def _resident(self, device: str) -> int:
-        return sum(s.nbytes or 0 for s in self.slots.values() if s.state == "ready" and s.device == device)
+    def _resident(self, device: str, besides: Slot | None = None) -> int:
+        """Bytes of the models on ``device`` that are loaded or loading (``besides`` not counted)."""
+        return sum((s.nbytes or _estimate(s.spec) or 0) if s.state == "loading" else (s.nbytes or 0)
+                   for s in self.slots.values()
+                   if s.state in ("ready", "loading") and s.device == device and s is not besides)
 
-    def _budget_left(self, device: str) -> int:
+    def _budget_left(self, device: str, besides: Slot | None = None) -> int:
         limit = self.settings.model_memory_bytes
-        return (limit - self._resident(device)) if limit is not None else 2**62
+        return (limit - self._resident(device, besides)) if limit is not None else 2**62
 
     async def _load(self, slot: Slot) -> serving.Engine:
         """Load ``slot`` once however many requests ask (they share one task); 503 when it cannot."""
@@ -247,7 +250,7 @@ class ModelRegistry:
                     slot.nbytes // 2**20)
         if self._budget_left(slot.device) < 0:  # its estimate was low: make room now (idle models only)
             with contextlib.suppress(ServiceError):
-                await self._make_room(slot, 0)
+                await self._make_room(slot, slot.nbytes)
         return engine
 
     async def _make_room(self, slot: Slot, need: int | None = None) -> None:
@@ -255,7 +258,7 @@ class ModelRegistry:
         if self.settings.model_memory_bytes is None:
             return
         need = need if need is not None else (slot.nbytes or _estimate(slot.spec) or 0)
-        while self._budget_left(slot.device) < need:
+        while self._budget_left(slot.device, besides=slot) < need:
             idle = [s for s in self.slots.values() if s.state == "ready" and s.device == slot.device
                     and s.name not in (self.default, slot.name) and s.leases == 0]
             if not idle:

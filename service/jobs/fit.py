@@ -4,7 +4,9 @@
    cached in the artifact store per (source, weights): a refit on the same data extracts nothing.
 2. The basis: the one the spec names (``reference``: the default), or a PCA of the training split's own units
    (``fit-on-train``), published in the store.
-3. The fit (library ``residual.fitting``), polling the cancel flag between batches and reporting progress per epoch.
+3. The fit (library ``residual.fitting``), polling the cancel flag between batches and reporting progress per epoch;
+   ``"variant": "auto"`` fits coarse, fine, full and linear on the same features and keeps the best on validation
+   (ties: fewer parameters), with the table of all four in the report (``variants``).
 4. The version: ``v-`` + 12 hex of :meth:`residual.CoefficientSet.identity` (lambdas, label set, variant, basis,
    add_mean, weights), written atomically unless an identical version exists (then the result says so and no
    report is attached to a file this job did not write), and activated only if the name's ACTIVE is still what it
@@ -22,6 +24,7 @@ import torch
 from residual import Backbone, LinearisedLN, RawFeatures, class_embeddings, extract_batched, fit
 from residual.basis import Basis, basis_from_units
 from residual.decomposition import project_units
+from residual.fitting import FitResult
 from residual.io import load_tensors, save_tensors
 from service import sources
 from service.jobs.context import JobContext, job
@@ -34,6 +37,8 @@ __all__ = ["run"]
 logger = logging.getLogger(__name__)
 
 Split = tuple[RawFeatures, torch.Tensor]
+AUTO_VARIANTS = ("coarse", "fine", "full", "linear")
+"""What ``"variant": "auto"`` fits, in this order, keeping the best on validation."""
 
 
 def _features(ctx: JobContext, bb: Backbone, spec: FitJob) -> dict[str, Split]:
@@ -110,19 +115,35 @@ def _run(ctx: JobContext, spec: FitJob) -> dict[str, Any]:
         ctx.progress(phase="reference basis")
         info, basis = ctx.resolve_basis(bb, spec.basis)
     cls = class_embeddings(bb.encode_text, bb.tokenizer, spec.classes, spec.templates, device=bb.device)
-    cfg = spec.hyperparameters.config(spec.variant)
+    variants = AUTO_VARIANTS if spec.variant == "auto" else (spec.variant,)
+    results: list[FitResult] = []
+    table: list[dict[str, Any]] = []
+    for i, variant in enumerate(variants):  # "auto": the four on the same features, extracted once
 
-    def progress(p: dict[str, Any]) -> None:
-        ctx.progress(phase="fitting", fraction=round(p["epoch"] / p["max_epochs"], 3), epoch=p["epoch"],
-                     val_accuracy=p["val_accuracy"], best_val_accuracy=p["best_val_accuracy"])
+        def progress(p: dict[str, Any], i: int = i, variant: str = variant) -> None:
+            ctx.progress(phase="fitting", fraction=round((i + p["epoch"] / p["max_epochs"]) / len(variants), 3),
+                         epoch=p["epoch"], val_accuracy=p["val_accuracy"], best_val_accuracy=p["best_val_accuracy"],
+                         **({"variant": variant, "variants_done": i} if len(variants) > 1 else {}))
 
-    ctx.progress(phase="fitting", fraction=0.0)
-    result = fit(data["train"], cls, bb.logit_scale, basis, ln, spec.classes, spec.templates, cfg,
-                 val=data.get("val"), test=data.get("test"), progress=progress, should_stop=ctx.cancelled)
+        ctx.progress(phase="fitting", fraction=round(i / len(variants), 3))
+        fit_started = time.perf_counter()
+        results.append(fit(data["train"], cls, bb.logit_scale, basis, ln, spec.classes, spec.templates,
+                           spec.hyperparameters.config(variant), val=data.get("val"), test=data.get("test"),
+                           progress=progress, should_stop=ctx.cancelled))
+        rep = results[-1].report
+        table.append({"variant": variant, "parameters": results[-1].coefficients.n_parameters,
+                      "val_accuracy": rep["val_accuracy"], "test_accuracy": rep.get("test_accuracy"),
+                      "seconds": round(time.perf_counter() - fit_started, 3)})
+    # the best on validation; ties go to fewer parameters
+    result = max(zip(results, table, strict=True), key=lambda rt: (rt[1]["val_accuracy"], -rt[1]["parameters"]))[0]
     cs = result.coefficients
     cs.report = {**result.report, "feature_extraction_s": round(extract_s, 3),
                  "total_wall_time_s": round(time.perf_counter() - started, 3),
                  "dataset": sources.source_name(spec.source), "basis": info.ref(), "job_id": ctx.job_id}
+    if spec.variant == "auto":
+        cs.report |= {"variants": table, "variant_choice": "auto: the best validation accuracy of coarse, fine, "
+                                                          "full and linear on the same features; ties go to fewer "
+                                                          "parameters"}
     # the version is the identity of everything that changes the set's answers (lambdas, label set, variant,
     # basis, add_mean, weights): a refit that changes only the templates is a new version
     version = "v-" + cs.identity().split(":")[1][:12]

@@ -64,7 +64,7 @@ class _Job(BaseModel):
 class FitJob(_Job):
     kind: Literal["fit-alignment"] = FIT
     name: str
-    variant: Literal["coarse", "fine", "full", "linear"]
+    variant: Literal["coarse", "fine", "full", "linear", "auto"]
     basis: str = Field(..., description="'fit-on-train', a basis id, or 'reference' (the world basis, built on first "
                                         "use: the operator opted in)")
     hyperparameters: FitHyperparameters = Field(default_factory=FitHyperparameters)

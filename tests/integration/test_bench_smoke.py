@@ -74,6 +74,17 @@ def test_multi_adapter_smoke(tmp_path: Path) -> None:
         assert all(0 < v < 1e6 for v in row["images_per_s"].values())
 
 
+def test_many_sets_smoke(tmp_path: Path) -> None:
+    result = _run("bench/many_sets.py", "--smoke", tmp=tmp_path)
+    assert [r["sets"] for r in result["rows"]] == [1, 20]
+    assert result["distinct_answers"] == 20  # every set was applied: random lambdas, 20 different top scores
+    one = result["rows"][0]["images_per_s"]
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["images_per_s"] > 0 and row["p95_ms"] > 0
+        assert abs(row["vs_one_set"] - row["images_per_s"] / one) < 2e-3  # from unrounded rates
+        assert row["resident_sets"] == 20 and row["resident_bytes"] > 20 * 500_000  # 0.85 MB a tiny set
+
+
 def test_text_cache_smoke(tmp_path: Path) -> None:
     from tests.redis_server import shared_or_private
 

@@ -1,7 +1,8 @@
 """The published contract, fuzzed: schemathesis against the OpenAPI schema of a real API process, a worker and a
 private Redis, with every check (server errors, status codes, content types, response schemas and headers, negative
 and positive data, auth, methods and Allow, use after free, response time) and every phase (examples, coverage,
-fuzzing, stateful). Once with the admin key, once with the classification key: no failure.
+fuzzing, stateful). Once with the admin key, once with the classification key: no failure. The deployment serves two
+models (the embedded one and a perturbed copy without a basis), so ``model`` takes both values of its enum.
 
 ``tests/schemathesis_hooks.py`` works around one generator defect of schemathesis (positive multipart cases that break
 the form's schema). ``tests/schemathesis.toml`` lists the few answers to schema-valid requests that depend on content
@@ -15,6 +16,7 @@ CI gives each key ``RESIDUAL_FUZZ_SECONDS`` (80 s: both runs, with the set-up, w
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import httpx
 import pytest
 
 from residual.tiny import tasks
-from tests.processes import ROOT, api_server, worker_process
+from tests.processes import ROOT, api_server, variant_checkpoint, worker_process
 from tests.redis_server import start_private
 from tests.service.conftest import png_b64
 
@@ -39,9 +41,13 @@ LIMITS = {"heads_sync_max_images": "64", "max_inline_images": "64", "job_timeout
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     redis = start_private()
     artifacts = tmp_path_factory.mktemp("fuzz-artifacts")
-    worker = worker_process(redis.url, artifacts, job_timeout_s="20")  # fuzzed fits end fast
+    variant = variant_checkpoint(tmp_path_factory.mktemp("fuzz-weights") / "variant.safetensors")
+    models = json.dumps([{"name": "residual-tiny", "architecture": "residual-tiny"},
+                         {"name": "tiny-variant", "architecture": "residual-tiny", "weights": str(variant)}])
+    worker = worker_process(redis.url, artifacts, job_timeout_s="20", models=models)  # fuzzed fits end fast
     try:
-        with api_server(redis.url, artifacts, admin_api_key=ADMIN, api_key=API, **LIMITS) as (client, _):
+        with api_server(redis.url, artifacts, admin_api_key=ADMIN, api_key=API, models=models,
+                        **LIMITS) as (client, _):
             auth = {"Authorization": f"Bearer {ADMIN}"}
             # what a process computes once (spectra, the text dictionary) is done before the clock runs
             image = png_b64(tasks.task_images("colour", "test", n=1)[0][0])

@@ -180,3 +180,31 @@ def test_a_bad_models_entry_stops_the_start_with_its_name(tmp_path: Path, varian
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "RESIDUAL_MODELS names 'tiny' twice" in run.stderr
+
+
+def test_a_model_with_a_request_in_flight_is_never_unloaded(artifacts: Path, redis_server: RedisServer,
+                                                            variant: Path, tmp_path: Path) -> None:
+    """Budget for the default and one other: while tiny-b holds a request (a lease), tiny-c cannot make room and
+    answers 503 naming tiny-b; once the request ends, tiny-c loads and the idle tiny-b is unloaded."""
+    from residual import load_backbone
+    from service.engine.model import model_bytes
+
+    one = model_bytes(load_backbone("residual-tiny", device="cpu").model)
+    models = [*_models(variant), {"name": "tiny-c", "architecture": "residual-tiny", "device": "cpu",
+                                  "weights": str(variant_checkpoint(tmp_path / "c.safetensors", seed=11))}]
+    settings = make_settings(artifacts, redis_server.url, models=models, model_memory_bytes=int(2.5 * one))
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        wait_for(lambda: c.get("/readyz").json()["models"][1]["state"] == "ready", 120, "tiny-b to load")
+        registry = c.app.state.runtime.models
+        assert c.portal is not None
+        engine = c.portal.call(registry.acquire, "tiny-b")  # a request of tiny-b in flight
+        r = c.post("/classify", json={"images": _images(1), "label_set": {"classes": ["a", "b"]}, "model": "tiny-c"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["message"] == ("model tiny-c needs memory that models with requests in flight hold "
+                                                "(tiny-b; RESIDUAL_MODEL_MEMORY_BYTES); retry")
+        assert registry.slots["tiny-b"].state == "ready"
+        registry.release(engine)
+        assert _classify(c, "tiny-c", _images(1))["model"] == "tiny-c"
+        states = {m["name"]: m["state"] for m in c.get("/readyz").json()["models"]}
+        assert states == {"tiny": "ready", "tiny-b": "unloaded", "tiny-c": "ready"}

@@ -182,3 +182,25 @@ def test_compose_has_api_worker_redis_and_a_volume() -> None:
     assert {"api", "worker", "redis"} <= set(compose["services"])
     assert compose["services"]["worker"]["command"] == ["residual-worker"]
     assert "artifacts" in compose["volumes"]
+
+
+def test_the_two_model_overlay_serves_both_models_on_one_gpu(deploy_copy: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """The two-model example: RESIDUAL_MODELS parses as the service parses it (the first is the default), the model
+    memory budget holds both in fp16, and the pods keep the GPU image and one GPU each."""
+    from service.settings import Settings
+
+    objs = render("gpu-two-models", deploy_copy)
+    config = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+    for key in ("RESIDUAL_MODELS", "RESIDUAL_MODEL_MEMORY_BYTES"):  # read from the environment, as a pod does
+        monkeypatch.setenv(key, config[key])
+    settings = Settings()
+    specs = settings.model_specs()
+    assert [(m.name, m.architecture, m.precision) for m in specs] == [("vit-b-32", "ViT-B-32", "fp16"),
+                                                                     ("vit-l-14", "ViT-L-14", "fp16")]
+    # parameters in fp16 (2 bytes each): ViT-B-32 ~151 M, ViT-L-14 ~428 M; both fit the budget
+    assert settings.model_memory_bytes is not None and settings.model_memory_bytes >= 2 * (151 + 428) * 10**6
+    assert config["RESIDUAL_DEVICE"] == "cuda"
+    for name in ("residual-api", "residual-worker"):
+        (container,) = _pod_specs(objs)[name]["containers"]
+        assert container["image"].endswith("-gpu") and container["resources"]["limits"]["nvidia.com/gpu"] == 1
