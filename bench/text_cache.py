@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = [f"object {i} {nonce}-{n}" for i in range(n)]  # unique per size: nothing cached
         templates = list(DEFAULT_TEMPLATES)
         ident = label_set_id(bb.weights_id, classes, templates)
-        first = TextCache(bb.weights_id, encode, state, 3600, 16, metrics)
+        first = TextCache(bb.weights_id, encode, state, 3600, 16, metrics.for_model(bb.name))
         before = forwards["prompts"]
         t0 = time.perf_counter()
         cold = first.class_embeddings(ident, classes, templates)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             first.class_embeddings(ident, classes, templates)
             mem.append(time.perf_counter() - t0)
-            replica = TextCache(bb.weights_id, encode, state, 3600, 16, metrics)
+            replica = TextCache(bb.weights_id, encode, state, 3600, 16, metrics.for_model(bb.name))
             t0 = time.perf_counter()
             hit = replica.class_embeddings(ident, classes, templates)
             red.append(time.perf_counter() - t0)

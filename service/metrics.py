@@ -83,6 +83,14 @@ class Metrics:
                                  "not loaded)", ["model"], registry=r)
         self.model_loads = Counter("residual_model_loads_total", "model loads (at start and on first use after an "
                                    "unload)", ["model"], registry=r)
+        self.unit_drift = Gauge("residual_unit_drift", "drift score of each unit of a model against its default "
+                                "basis, over this replica's recent window", ["model", "unit"], registry=r)
+        self.drift_score = Gauge("residual_drift_score", "a model's drift score (mean of the top tenth of its units), "
+                                 "this replica's recent window", ["model"], registry=r)
+        self.drift_skipped = Counter("residual_drift_skipped_images_total", "traffic images left out of the drift "
+                                     "statistics because their thread was behind", ["model"], registry=r)
+        self.drift_cpu = Counter("residual_drift_cpu_seconds_total", "CPU time of the drift statistics thread "
+                                 "(it runs at the lowest priority)", ["model"], registry=r)
         self.model_unloads = Counter("residual_model_unloads_total", "idle models unloaded to make room",
                                      ["model"], registry=r)
 
@@ -98,6 +106,19 @@ class _Bound:
 
     def labels(self, **labels: str) -> Any:
         return self.metric.labels(model=self.model, **labels)
+
+
+class _Lazy:
+    """A metric's child for one model, created on first use (so a feature that is off exports no series)."""
+
+    def __init__(self, metric: Any, model: str) -> None:
+        self.metric, self.model = metric, model
+
+    def set(self, value: float) -> None:
+        self.metric.labels(model=self.model).set(value)
+
+    def inc(self, amount: float = 1) -> None:
+        self.metric.labels(model=self.model).inc(amount)
 
 
 class ModelMetrics:
@@ -122,6 +143,10 @@ class ModelMetrics:
         self.reference_basis_images = m.reference_basis_images.labels(model=model)
         self.embeddings = _Bound(m.embeddings, model)
         self.text_cache_bytes = m.text_cache_bytes.labels(model=model)
+        self.unit_drift = _Bound(m.unit_drift, model)
+        self.drift_score = _Lazy(m.drift_score, model)
+        self.drift_skipped = _Lazy(m.drift_skipped, model)
+        self.drift_cpu = _Lazy(m.drift_cpu, model)
         self.rejected = m.rejected  # reasons, per process
         self.decoding_pixels = m.decoding_pixels  # the decoders are shared by every model
 

@@ -151,6 +151,12 @@ class Settings(BaseSettings):
     max_archive_member_bytes: PositiveInt = Field(
         16 * 1024 * 1024, description="decompressed bytes of one archive member (413)")
     max_archive_members: PositiveInt = Field(60_000, description="members of an uploaded dataset archive (413)")
+    drift: Literal["on", "off"] = Field(
+        "on", description="per-unit drift statistics of live traffic (GET /drift); off removes every cost")
+    drift_window: PositiveInt = Field(1024, description="counted images of the recent drift window, per replica")
+    drift_sample: float = Field(0.25, gt=0, le=1, description="share of traffic images the drift statistics count "
+                                                                "(every 1/sample-th image; 1: all)")
+    drift_flush_s: PositiveFloat = Field(5.0, description="how often a replica writes its drift sums to Redis")
 
     api_key: SecretStr | None = Field(
         None, description=f"Bearer key for /classify and read routes (None: open; at least {MIN_KEY_CHARS} "

@@ -37,6 +37,7 @@ from service.api.routes import (
     classify,
     coefficients,
     datasets,
+    drift,
     embeddings,
     fits,
     heads,
@@ -136,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      "coefficient sets. Errors: `{\"error\": {\"type\", \"message\"}}`.")
     app.state.runtime = runtime
     install(app)
-    routers = (health, classify, label_sets, fits, datasets, coefficients, embeddings, heads, bases, playground)
+    routers = (health, classify, label_sets, fits, datasets, coefficients, embeddings, heads, bases, drift, playground)
     for module in routers:
         app.include_router(module.router)
     static = Mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")

@@ -22,12 +22,12 @@ __all__ = ["BASIS_REF", "COEFFICIENT_REF", "DATASET_REF", "JOB_ID", "LABEL_SET_I
            "Activate", "AlignmentReport", "AlignmentRequest", "AlignmentSizes", "Alive", "BasisComparison",
            "BasisDetail", "BasisList", "BasisOut", "BasisRef", "BasisRequest", "BasisUnit", "ClassifyRequest",
            "ClassifyResponse", "CoefficientSetSummary", "CoefficientSets", "CoefficientVersion",
-           "CoefficientVersions", "Contribution", "DatasetInfo", "DefaultBasis", "DiagnoseRequest", "EmbeddingItem",
-           "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "FitRequest", "HeadDetail", "HeadJobAccepted",
-           "HeadSpectra", "ImageResult", "InlineDataset", "JobAccepted", "JobInfo", "JobList", "LabelSet",
-           "LabelSetCreated", "LabelSetDiagnosis", "LabelSetOut", "LabelSetRequest", "ModelCard", "ModelList",
-           "ModelState", "Prediction", "Ready", "SimilaritySummary", "UnitSimilarity", "UnitSpectrum", "Usage",
-           "WorldSizes"]
+           "CoefficientVersions", "Contribution", "DatasetInfo", "DefaultBasis", "DiagnoseRequest", "DriftReport",
+           "EmbeddingItem", "EmbeddingsRequest", "EmbeddingsResponse", "ErrorBody", "FitRequest", "HeadDetail",
+           "HeadJobAccepted", "HeadSpectra", "ImageResult", "InlineDataset", "JobAccepted", "JobInfo", "JobList",
+           "LabelSet", "LabelSetCreated", "LabelSetDiagnosis", "LabelSetOut", "LabelSetRequest", "ModelCard",
+           "ModelList", "ModelState", "Prediction", "Ready", "SimilaritySummary", "UnitDrift", "UnitSimilarity",
+           "UnitSpectrum", "Usage", "WorldSizes"]
 
 _PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
 
@@ -267,6 +267,30 @@ class LabelSetDiagnosis(BaseModel):
                                                                "share first (null without a basis; see note)")
     note: str | None = None
     data: DataDiagnosis | None = Field(None, description="with a dataset: how zero-shot does on it")
+
+
+class UnitDrift(BaseModel):
+    unit: str = Field(..., description="'emb', 'L<layer>.MLP' or 'L<layer>.H<head>'")
+    score: float = Field(..., description="sqrt(mean_shift^2 + max(0, energy_outside / reference share - 1)^2)")
+    energy_outside: float = Field(..., description="share of the traffic's energy outside the unit's top-k subspace")
+    mean_shift: float = Field(..., description="RMS displacement of the traffic's mean, in reference standard "
+                                               "deviations, over the top-k components")
+    description: list[str] | None = Field(None, description="the head's text description (the most drifted heads)")
+
+
+class DriftReport(BaseModel):
+    model: str
+    basis: BasisRef | None = Field(..., description="the basis whose coordinates the statistics are in")
+    against: Literal["basis", "training data"] = Field(
+        ..., description="'basis': the basis's own data; 'training data': the coefficient set's training images")
+    coefficients: str | None = Field(None, description="the coefficient set compared with (name@version)")
+    window: Literal["recent", "all"]
+    n_images: int = Field(..., description="traffic images the figures cover (every replica's)")
+    replicas: int = Field(..., description="replicas whose statistics were added")
+    since: float = Field(..., description="when this replica began tracking the reference (epoch seconds)")
+    score: float = Field(..., description="the deployment's score: the mean of the top tenth of the unit scores")
+    units: list[UnitDrift] = Field(..., description="every unit, most drifted first")
+    note: str | None = None
 
 
 # ---- health -----------------------------------------------------------------------------------------------------

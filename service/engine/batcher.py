@@ -42,13 +42,16 @@ Result = tuple[RawFeatures, torch.Tensor]
 class _Item:
     pixels: torch.Tensor  # (k, 3, S, S)
     future: asyncio.Future[Result]
+    traffic: bool = True  # a client's images (drift statistics), not an analysis's reference images
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class Batcher:
     def __init__(self, forward: ForwardFn, owner: ModelOwner, max_batch: int, max_wait_s: float, max_queue: int,
-                 enabled: bool, metrics: ModelMetrics, restart_delay_s: float = 1.0) -> None:
+                 enabled: bool, metrics: ModelMetrics, restart_delay_s: float = 1.0,
+                 observe: Callable[[RawFeatures], None] | None = None) -> None:
         self.forward = forward
+        self.observe = observe  # sees the raw features of the traffic of each batch (drift); must not block
         self.owner = owner
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s if enabled else 0.0
@@ -111,8 +114,9 @@ class Batcher:
         self.metrics.queue_depth.set(0)
 
     # ---- requests ---------------------------------------------------------------------------------------------
-    async def submit(self, pixels: torch.Tensor) -> Result:
-        """(k, 3, S, S) -> (raw features of the k images, (k, d) embeddings)."""
+    async def submit(self, pixels: torch.Tensor, traffic: bool = True) -> Result:
+        """(k, 3, S, S) -> (raw features of the k images, (k, d) embeddings). ``traffic``: a client's images, seen
+        by the drift statistics (analyses that run reference images through the batcher pass False)."""
         if not self.healthy:
             raise BackendUnavailable("the batcher is not running (restarting or shutting down); retry",
                                      headers={"Retry-After": "1"})
@@ -123,7 +127,7 @@ class Batcher:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise Overloaded(f"{self._queued_images} images are waiting for the backbone (limit {self.max_queue}); "
                              "retry shortly", headers={"Retry-After": "1"})
-        item = _Item(pixels, asyncio.get_running_loop().create_future())
+        item = _Item(pixels, asyncio.get_running_loop().create_future(), traffic)
         self._pending.append(item)
         self._queued_images += k
         self.metrics.queue_depth.set(self._queued_images)
@@ -202,8 +206,14 @@ class Batcher:
         raw, emb = await self.owner.run(self.forward, pixels)
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
         offset = 0
+        seen: list[int] = []
         for item in batch:
             k = int(item.pixels.shape[0])
             if not item.future.done():
                 item.future.set_result((raw.select(slice(offset, offset + k)), emb[offset : offset + k]))
+            if item.traffic:
+                seen.extend(range(offset, offset + k))
             offset += k
+        if self.observe is not None and seen:
+            index = torch.tensor(seen, device=raw.emb.device)
+            self.observe(raw if len(seen) == offset else raw.select(index))

@@ -155,6 +155,8 @@ class ModelRegistry:
             if slot.engine is not None:
                 await slot.engine.batcher.stop()
                 slot.engine.owner.stop()
+                if slot.engine.drift is not None:
+                    slot.engine.drift.stop()
         self._io.stop()
 
     def fail_in_flight(self, exc: ServiceError) -> None:
@@ -280,6 +282,8 @@ class ModelRegistry:
         slot.engine, slot.state = None, "unloaded"
         await engine.batcher.stop()
         engine.owner.stop()
+        if engine.drift is not None:
+            engine.drift.stop()
         del engine
         self.metrics.model_resident.labels(model=slot.name, device=slot.device).set(0)
         self.metrics.model_bytes.labels(model=slot.name).set(0)

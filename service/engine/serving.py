@@ -12,15 +12,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 
+from residual import Basis
 from service.engine.batcher import Batcher
+from service.engine.drift import DriftMonitor
 from service.engine.heads import HeadConfig, HeadService
 from service.engine.model import ServingModel
 from service.engine.pipeline import ImagePipeline, decode_threads
 from service.engine.pools import ModelOwner, Pool
 from service.engine.text_cache import RedisState, TextCache
+from service.errors import ServiceError
 from service.images import PixelBudget
 from service.metrics import ModelMetrics
 from service.settings import ModelSpec, Settings
@@ -53,6 +58,7 @@ class Engine:
     model: ServingModel
     owner: ModelOwner  # the one thread that runs every forward of this model
     metrics: ModelMetrics
+    drift: DriftMonitor | None  # None: RESIDUAL_DRIFT=off
     text: TextCache
     images: ImagePipeline
     batcher: Batcher
@@ -99,8 +105,10 @@ def start(loaded: Loaded, settings: Settings, metrics: ModelMetrics, owner: Mode
     device = bb.device.type
     images = ImagePipeline(bb, decode, decode_threads(settings.decode_threads), settings.max_image_pixels,
                            settings.image_pipeline, settings.max_request_pixels, budget)
+    drift = _drift_monitor(loaded, settings, metrics) if settings.drift == "on" else None
     batcher = Batcher(model.forward, owner, settings.batch_size_for(device), settings.max_wait_ms / 1000,
-                      settings.max_queue, settings.batching, metrics)
+                      settings.max_queue, settings.batching, metrics,
+                      observe=drift.observe if drift is not None else None)
     batcher.start()
 
     def dictionary_embeddings(texts: list[str]) -> torch.Tensor:  # cached in Redis like any label set
@@ -109,8 +117,28 @@ def start(loaded: Loaded, settings: Settings, metrics: ModelMetrics, owner: Mode
     config = HeadConfig(chunk=min(settings.batch_size_for(device), settings.max_queue),  # a chunk must fit the queue
                         sample_images=settings.heads_sample_images, reference_images=settings.reference_basis_images,
                         dictionary=settings.text_dictionary)
-    heads = HeadService(model, batcher.submit, owner, analysis, config, artifacts, loaded.bases, dictionary_embeddings,
-                        metrics.reference_basis_images.inc)
-    return Engine(model=model, owner=owner, metrics=metrics, text=text, images=images, batcher=batcher, heads=heads,
-                  bases=loaded.bases,
-                  coefficients=loaded.coefficients, label_sets=loaded.label_sets)
+    heads = HeadService(model, partial(batcher.submit, traffic=False), owner, analysis, config, artifacts,
+                        loaded.bases, dictionary_embeddings, metrics.reference_basis_images.inc)
+    return Engine(model=model, owner=owner, metrics=metrics, drift=drift, text=text, images=images, batcher=batcher,
+                  heads=heads, bases=loaded.bases, coefficients=loaded.coefficients, label_sets=loaded.label_sets)
+
+
+def _drift_monitor(loaded: Loaded, settings: Settings, metrics: ModelMetrics) -> DriftMonitor:
+    """The drift statistics of this model's traffic, against its default basis (once there is one)."""
+    bases = loaded.bases
+
+    def default() -> tuple[dict[str, Any], Basis] | None:
+        try:
+            info = bases.default()
+            return (info.ref(), bases.load(info)) if info is not None else None
+        except ServiceError:  # RESIDUAL_REFERENCE_BASIS names a basis that does not exist yet
+            return None
+
+    def scores(units: list[str], values: torch.Tensor, score: float) -> None:
+        for name, value in zip(units, values.tolist(), strict=True):
+            metrics.unit_drift.labels(unit=name).set(value)
+        metrics.drift_score.set(score)
+
+    return DriftMonitor(loaded.model.name, loaded.model.weights_id, loaded.model.ln, default, loaded.text.redis,
+                        settings.drift_window, settings.drift_flush_s, settings.drift_sample, scores,
+                        metrics.drift_skipped.inc, metrics.drift_cpu.inc)

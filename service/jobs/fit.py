@@ -24,6 +24,7 @@ import torch
 from residual import Backbone, LinearisedLN, RawFeatures, class_embeddings, extract_batched, fit
 from residual.basis import Basis, basis_from_units
 from residual.decomposition import project_units
+from residual.drift import DriftReference
 from residual.fitting import FitResult
 from residual.io import load_tensors, save_tensors
 from service import sources
@@ -84,6 +85,20 @@ def _basis_on(bb: Backbone, raw: RawFeatures, ln: LinearisedLN, spec: FitJob) ->
     else:
         source, name = {"kind": "dataset", "dataset": src.dataset_id}, f"fit-on-train-{src.dataset_id}"
     return basis_from_units(bb, batches, source={**source, "fit_on_train": True, "n": len(raw)}, name=name)
+
+
+def _save_drift_reference(artifacts: ArtifactStore, name: str, version: str, basis: Basis, raw: RawFeatures,
+                          ln: LinearisedLN) -> None:
+    """The per-unit statistics of the training images in the set's basis: GET /drift?coefficients= compares live
+    traffic with the data the set was fitted on (best effort: a failure here does not fail the fit)."""
+    try:
+        batches = (project_units(raw.select(slice(i, i + 512)).to(ln.proj.device), ln).float().cpu()
+                   for i in range(0, len(raw), 512))
+        reference = DriftReference.from_units(basis, batches)
+        save_tensors(artifacts.drift_reference_path(name, version), reference.tensors(),
+                     {"basis_hash": basis.hash, "n_images": len(raw)})
+    except Exception:  # noqa: BLE001 - drift is an extra; the version itself is written
+        logger.exception("drift statistics of %s@%s not written", name, version)
 
 
 def _activate(artifacts: ArtifactStore, spec: FitJob, version: str, expected: str | None) -> tuple[bool, str]:
@@ -151,6 +166,7 @@ def _run(ctx: JobContext, spec: FitJob) -> dict[str, Any]:
     written = not path.exists()
     if written:
         cs.save(path)  # atomic: uuid temporary file, fsync, rename
+        _save_drift_reference(artifacts, spec.name, version, basis, data["train"][0], ln)
     activated, why = _activate(artifacts, spec, version, active_at_start)
     ctx.progress(phase="done", fraction=1.0)
     FIT_SECONDS.labels(variant=spec.variant).observe(time.perf_counter() - started)

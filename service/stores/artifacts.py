@@ -4,6 +4,7 @@ It owns the layout and the ACTIVE pointers; no other module builds these paths::
 
     label_sets/<label_set_id>.json                  {"classes": [...], "templates": [...]}
     coefficients/<name>/<version>.safetensors       coefficient sets (residual.CoefficientSet)
+    coefficients/<name>/drift/<version>.safetensors the version's training statistics (drift against its data)
     coefficients/<name>/ACTIVE                      the version served for plain ``name``
     coefficients/<name>/.lock                       flock taken while ACTIVE is compared and set
     bases/<basis id>.safetensors                    bases written here (any other *.safetensors is read too: a
@@ -73,6 +74,11 @@ class ArtifactStore:
     def coefficient_dir(self, name: str) -> Path:
         check_name(name)
         return self.root / "coefficients" / name
+
+    def drift_reference_path(self, name: str, version: str) -> Path:
+        """The per-unit statistics of a version's training images (``residual.drift.DriftReference``), written by
+        its fit: ``coefficients/<name>/drift/<version>.safetensors`` (a subfolder: never listed as a version)."""
+        return self.coefficient_dir(name) / "drift" / self.coefficient_path(name, version).name
 
     def coefficient_path(self, name: str, version: str) -> Path:
         if not VERSION_PATTERN.fullmatch(version):

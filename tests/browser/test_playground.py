@@ -85,6 +85,10 @@ def test_playground_classifies_explains_fits_and_docs_work_offline(service: http
         path = tmp_path / f"world-{i}.png"
         Image.fromarray(im).resize((96, 96), Image.NEAREST).save(path)
         files.append(path)
+    # a second basis, so the Heads tab can compare two
+    r = service.post("/bases", json={"name": "shape-200", "dataset": "world:shape", "max_images": 200})
+    assert r.status_code == 202, r.text
+    wait_for(lambda: service.get(r.json()["status_url"]).json()["status"] == "succeeded", 300, "the basis build")
     # what the API itself answers for the first image, with the page's default label set (the colour task's)
     expected = service.post("/classify", json={
         "images": [base64.b64encode(files[0].read_bytes()).decode()],
@@ -158,6 +162,18 @@ def test_playground_classifies_explains_fits_and_docs_work_offline(service: http
         page.get_by_role("button", name="Roll back").click()  # the first version: nothing to roll back to
         page.wait_for_selector("#error:not([hidden])")
         assert "no version before the active one" in page.locator("#error").inner_text()
+
+        # insights: the label set diagnosed before a fit, two bases compared, the drift of what was classified
+        page.get_by_label("World task (or upload below)").select_option("shape")
+        page.get_by_role("button", name="Diagnose the label set first").click()
+        expect(page.locator("#diagnose-accuracy")).to_contain_text("zero-shot accuracy")
+        assert page.locator("#diagnose-pairs li").count() == 5
+        page.get_by_role("button", name="Compare bases").click()
+        expect(page.locator("#compare-least")).to_contain_text("least similar heads: L")
+        expect(page.locator("#compare-body img")).to_have_attribute("src", re.compile(r"^blob:"))
+        page.get_by_role("button", name="Load drift").click()
+        expect(page.locator("#drift-summary")).to_contain_text(re.compile(r"score \d\.\d{3} over [1-9]\d* images"))
+        assert page.locator("#drift-body tr").count() == 9  # the header and the 8 most drifted units
 
         # an error from the service, shown in words
         page.get_by_label("Classes (one per line)").fill("only\nonly")

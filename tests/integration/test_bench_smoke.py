@@ -85,6 +85,15 @@ def test_many_sets_smoke(tmp_path: Path) -> None:
         assert row["resident_sets"] == 20 and row["resident_bytes"] > 20 * 500_000  # 0.85 MB a tiny set
 
 
+def test_drift_smoke(tmp_path: Path) -> None:
+    result = _run("bench/drift.py", "--smoke", tmp=tmp_path)
+    assert len(result["rounds_images_per_s"]["on"]) == len(result["rounds_images_per_s"]["off"]) == 2  # two pairs
+    assert all(v > 0 for vs in result["rounds_images_per_s"].values() for v in vs)
+    assert result["drift_images_counted"] > 0 and result["drift_images_skipped"] == 0
+    assert 0 < result["drift_cpu_share"] < 0.5
+    assert abs(result["on_vs_off"] - result["images_per_s"]["on"] / result["images_per_s"]["off"]) < 2e-3
+
+
 def test_text_cache_smoke(tmp_path: Path) -> None:
     from tests.redis_server import shared_or_private
 

@@ -25,16 +25,17 @@ API_SCOPE = {  # classification and reads that neither enqueue work nor store da
     ("POST", "/classify"), ("GET", "/label-sets/{label_set_id}"), ("GET", "/coefficients"),
     ("GET", "/coefficients/{name}"), ("GET", "/heads"), ("GET", "/heads/spectrum.png"),
     ("GET", "/heads/{layer}/{head}"), ("GET", "/heads/{layer}/{head}/spectrum.png"), ("POST", "/v1/embeddings"),
-    ("GET", "/v1/models"), ("GET", "/bases"), ("GET", "/bases/{basis}")}
+    ("GET", "/v1/models"), ("GET", "/bases"), ("GET", "/bases/{basis}"), ("GET", "/bases/{a}/compare/{b}"),
+    ("GET", "/bases/{a}/compare/{b}.png"), ("GET", "/drift"), ("GET", "/drift.png")}
 ADMIN_SCOPE = {
     ("POST", "/label-sets"), ("POST", "/fit-alignment"), ("GET", "/fit-alignment"),
     ("GET", "/fit-alignment/{job_id}"), ("DELETE", "/fit-alignment/{job_id}"), ("POST", "/datasets"),
     ("GET", "/datasets/{dataset_id}"), ("POST", "/coefficients/{name}/activate"), ("POST", "/heads/alignment"),
     ("POST", "/heads/alignment.png"), ("GET", "/heads/alignment/{job_id}"), ("GET", "/heads/alignment/{job_id}.png"),
     ("POST", "/bases"), ("GET", "/bases/jobs/{job_id}"), ("DELETE", "/bases/jobs/{job_id}"),
-    ("DELETE", "/heads/alignment/{job_id}")}
+    ("DELETE", "/heads/alignment/{job_id}"), ("POST", "/label-sets/diagnose")}
 _PARAMS = {"label_set_id": "ls-" + "0" * 20, "name": "nope", "job_id": "0", "dataset_id": "ds-" + "0" * 20,
-           "layer": "0", "head": "0", "basis": "b-" + "0" * 16}
+           "layer": "0", "head": "0", "basis": "b-" + "0" * 16, "a": "b-" + "0" * 16, "b": "b-" + "1" * 16}
 
 
 def _schema_operations() -> list[tuple[str, str]]:

@@ -166,6 +166,20 @@ def test_rendered_objects(overlay: str, deploy_copy: Path) -> None:
     assert {"REDIS_PASSWORD", "RESIDUAL_API_KEY", "RESIDUAL_ADMIN_API_KEY"} <= set(secret["data"])
 
 
+def test_a_drift_alert_watches_the_deployment_score(deploy_copy: Path) -> None:
+    """The PrometheusRule alerts on the metric the API exports (the README's metrics table names it)."""
+    objs = render("cpu", deploy_copy)
+    rule = next(o for o in objs if o["kind"] == "PrometheusRule")
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    drift = alerts["ResidualTrafficDrift"]
+    assert "residual_drift_score" in drift["expr"] and "by (model)" in drift["expr"]
+    threshold = float(drift["expr"].rsplit(">", 1)[1])
+    assert 0.2 < threshold < 1  # above the documented in-distribution noise band
+    readme = (ROOT / "README.md").read_text()
+    for name in ("residual_drift_score", "residual_drift_skipped_images_total"):
+        assert f"| `{name}` | API |" in readme
+
+
 def test_dockerfile_rules() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2  # multi-stage

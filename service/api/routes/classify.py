@@ -37,6 +37,7 @@ from service.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
 )
+from service.engine.drift import coefficients_reference
 from service.errors import InvalidRequest, PayloadTooLarge, Timeout, UnsupportedMedia
 from service.images import decode_base64
 from service.stores.coefficients import LoadedCoefficients
@@ -169,6 +170,10 @@ async def classify(request: Request, rt: ReadyDep) -> Response:
     if body.label_set is not None and body.label_set_id is not None:
         raise InvalidRequest("give label_set or label_set_id, not both")
     loaded = await rt.io.run(rt.coefficients.resolve, body.coefficients) if body.coefficients else None
+    drift = rt.engine.drift
+    if loaded is not None and drift is not None and not drift.is_tracked(f"coefficients:{loaded.ref}"):
+        # from now on, traffic is also measured against the data this set was fitted on (GET /drift?coefficients=)
+        await rt.io.run(drift.track, f"coefficients:{loaded.ref}", lambda: coefficients_reference(loaded, rt.artifacts))
     if body.label_set is not None:
         classes, templates = validate_label_set(body.label_set.classes, body.label_set.templates, s)
     elif body.label_set_id is not None:

@@ -93,7 +93,8 @@ async def _data_rows(rt: Ready, src: sources.WorldTaskSource | sources.DatasetSo
                                   f"{rt.settings.heads_sync_max_images} (RESIDUAL_HEADS_SYNC_MAX_IMAGES)")
     pixels, labels, *_ = await rt.io.run(sources.alignment_data, src, rt.model.backbone, rt.artifacts.datasets_dir)
     chunk = rt.batcher.max_batch
-    embs = [(await rt.batcher.submit(pixels[i : i + chunk]))[1] for i in range(0, pixels.shape[0], chunk)]
+    embs = [(await rt.batcher.submit(pixels[i : i + chunk], traffic=False))[1]  # not traffic: no drift
+            for i in range(0, pixels.shape[0], chunk)]
 
     def score() -> dict[str, Any]:
         emb = torch.cat(embs).float()  # (n, d)

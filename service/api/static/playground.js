@@ -17,7 +17,7 @@ function authHeaders(extra = {}) {
 }
 
 // the model picker: every request of a model-scoped route names the chosen model (the default needs no field)
-const MODEL_ROUTES = /^\/(classify|label-sets|fit-alignment$|heads|bases|coefficients|v1\/embeddings)/;
+const MODEL_ROUTES = /^\/(classify|label-sets|fit-alignment$|heads|bases|coefficients|drift|v1\/embeddings)/;
 function withModel(method, path, json, body) {
   const m = $("model-picker").value;
   if (!m || m === cfg.model || !MODEL_ROUTES.test(path)) return { path, json, body };
@@ -130,6 +130,7 @@ async function loadLists() {
   const bases = await api("GET", "/bases");
   $("basis").replaceChildren(el("option", { value: "" }, `default (${bases.default.basis_id || "none yet"})`),
     ...bases.bases.map((b) => el("option", { value: b.basis_id }, `${b.name} · ${b.n_images} images`)));
+  $("compare-b").replaceChildren(...bases.bases.map((b) => el("option", { value: b.basis_id }, `${b.name} · ${b.n_images} images`)));
 }
 
 async function onCoefficientsChange() {
@@ -293,6 +294,67 @@ async function loadHeads() {
       (v) => v.toFixed(1)));
 }
 
+// ---- basis comparison, drift, diagnosis ----------------------------------------------------------------------------------
+function imageOf(blob, alt) {
+  return el("img", { src: URL.createObjectURL(blob), alt, class: "picture" });
+}
+
+async function compareBases() {
+  const a = $("basis").value || (await api("GET", "/bases")).default.basis_id;
+  const b = $("compare-b").value;
+  if (!a || !b) throw new ApiError(0, "input", "the model needs two bases to compare (build one with POST /bases)");
+  const path = `/bases/${encodeURIComponent(a)}/compare/${encodeURIComponent(b)}`;
+  const report = await api("GET", path);
+  const png = await api("GET", `${path}.png`);
+  const s = report.summary;
+  $("compare-body").replaceChildren(
+    el("div", {},
+      el("p", {}, `${report.a.name || report.a.basis_id} vs ${report.b.name || report.b.basis_id}: heads mean `
+        + `${s.heads_mean.toFixed(3)} (min ${s.heads_min.toFixed(3)}), MLPs mean ${s.mlps_mean.toFixed(3)}`),
+      el("p", { class: "muted", id: "compare-least" }, `least similar heads: ${s.least_similar_heads.join(", ")}`)),
+    imageOf(png, "spectral cosine of the two bases, per head"));
+}
+
+async function loadDrift() {
+  const q = `?window=${$("drift-window").value}&describe=5`;
+  const report = await api("GET", `/drift${q}`);
+  const png = await api("GET", `/drift.png?window=${$("drift-window").value}`);
+  const rows = report.units.slice(0, 8).map((u) => el("tr", {},
+    el("td", {}, u.unit), el("td", {}, u.score.toFixed(3)), el("td", {}, u.energy_outside.toFixed(3)),
+    el("td", {}, u.mean_shift.toFixed(3)), el("td", {}, (u.description || []).join("; "))));
+  $("drift-body").replaceChildren(
+    el("div", {},
+      el("p", { id: "drift-summary" }, `score ${report.score.toFixed(3)} over ${report.n_images} images `
+        + `(${report.replicas} replica${report.replicas === 1 ? "" : "s"}, ${report.window})`
+        + (report.note ? ` · ${report.note}` : "")),
+      el("table", {}, el("caption", {}, "the most drifted units"),
+        el("tr", {}, ...["unit", "score", "energy outside", "mean shift", "description"].map((h) => el("th", {}, h))),
+        ...rows)),
+    imageOf(png, "drift score per head"));
+}
+
+async function diagnose() {
+  const body = { top: 5 };
+  const classes = lines("fit-classes");
+  if ($("fit-world").value) body.dataset = `world:${$("fit-world").value}`;
+  if (classes.length) body.label_set = { classes };
+  if (!body.dataset && !body.label_set) throw new ApiError(0, "input", "choose a world task or write classes");
+  const d = await api("POST", "/label-sets/diagnose", { json: body });
+  const parts = [
+    el("div", {}, el("p", {}, "closest classes in text space"),
+      el("ul", { id: "diagnose-pairs" }, ...d.pairs.map((p) => el("li", {}, `${p.a} / ${p.b}: ${p.cosine.toFixed(3)}`)))),
+    el("div", {}, el("p", {}, "heads that carry the label set"),
+      d.heads ? el("ul", {}, ...d.heads.map((h) => el("li", {}, `${h.unit}: ${(100 * h.text_share).toFixed(1)} %`)))
+        : el("p", { class: "muted" }, d.note))];
+  if (d.data) {
+    parts.push(el("div", {}, el("p", { id: "diagnose-accuracy" },
+      `zero-shot accuracy ${(100 * d.data.accuracy).toFixed(1)} % on ${d.data.images} images`),
+      el("ul", {}, ...d.data.confused_pairs.map((p) => el("li", {},
+        `${p.true} taken for ${p.predicted}: ${(100 * p.share).toFixed(1)} %`)))));
+  }
+  $("diagnose-body").replaceChildren(...parts);
+}
+
 // ---- fit -----------------------------------------------------------------------------------------------------------------
 function initFit() {
   $("fit-world").replaceChildren(...Object.keys(cfg.world_tasks).map((t) => el("option", { value: t }, `world:${t}`)),
@@ -397,6 +459,9 @@ async function start() {
   $("run-classify").addEventListener("click", () => guarded(classify));
   $("coefficients").addEventListener("change", () => guarded(onCoefficientsChange));
   $("load-heads").addEventListener("click", () => guarded(loadHeads));
+  $("run-compare").addEventListener("click", () => guarded(compareBases));
+  $("load-drift").addEventListener("click", () => guarded(loadDrift));
+  $("run-diagnose").addEventListener("click", () => guarded(diagnose));
   $("run-fit").addEventListener("click", () => guarded(startFit));
   $("fit-use").addEventListener("click", () => guarded(useFit));
   $("fit-activate").addEventListener("click", () => guarded(activateFit));
