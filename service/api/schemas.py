@@ -524,6 +524,8 @@ class BasisUnit(BaseModel):
 
 
 class BasisDetail(BasisOut):
+    served_model: str = Field(..., description="the served model this basis belongs to ('model' is the "
+                                               "architecture it was built with)")
     units: list[BasisUnit] = Field(..., description="one row per unit, in the paper's order")
 
 
@@ -633,6 +635,7 @@ class ComponentDescription(BaseModel):
 class HeadDetail(BaseModel):
     """``GET /heads/{layer}/{head}``."""
 
+    model: str
     layer: int
     head: int
     unit: int

@@ -166,7 +166,8 @@ class HeadService:
                 desc = describe_head(sample[:, unit], dic, atoms, method)
                 description = {"method": method, "samples": int(sample.shape[0]), "dictionary_size": len(texts),
                                "texts": desc.named(texts), "explained": [round(v, 6) for v in desc.explained]}
-            out = {"layer": layer, "head": head, "unit": unit, "basis": info.ref(), "basis_hash": basis.hash,
+            out = {"model": self.model.name, "layer": layer, "head": head, "unit": unit, "basis": info.ref(),
+                   "basis_hash": basis.hash,
                    "summary": spectra["units"][unit],
                    "eigenvalues": [float(v) for v in eig], "evr": [round(float(v), 6) for v in evr],
                    "k_90": int(k_at(evr, 0.9)), "k_99": int(k_at(evr, 0.99)),

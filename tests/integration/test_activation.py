@@ -66,8 +66,8 @@ def test_rollback_during_a_fit_is_kept(redis_jobs: RedisServer, tmp_path: Path) 
         worker = worker_process(redis_jobs.url, tmp_path)
         try:
             long = {"name": "roll", "dataset": "world:texture", "variant": "full",
-                    "world_sizes": {"train": 2000, "val": 200, "test": 50},
-                    "hyperparameters": {"epochs": 150, "patience": 150, "seed": 3}}
+                    "world_sizes": {"train": 500, "val": 100, "test": 20},  # few images, many epochs: seconds
+                    "hyperparameters": {"epochs": 150, "patience": 150, "seed": 3}}  # of fitting to roll back in
             during = api.post("/fit-alignment", json=long).json()["job_id"]
             running = _wait(api, during, done=False, phase="fitting")
             assert running["progress"]["active_at_start"] == v2

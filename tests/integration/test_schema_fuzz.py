@@ -8,7 +8,7 @@ models (the embedded one and a perturbed copy without a basis), so ``model`` tak
 the form's schema). ``tests/schemathesis.toml`` lists the few answers to schema-valid requests that depend on content
 no JSON schema can describe (an image must decode, a label must be a class of the label set), each with its reason.
 
-CI gives each key ``RESIDUAL_FUZZ_SECONDS`` (80 s: both runs, with the set-up, within 4 minutes). A longer run, e.g.
+CI gives each key ``RESIDUAL_FUZZ_SECONDS`` (60 s: both runs, with the set-up, within 3 minutes). A longer run, e.g.
 15 minutes:
 
     RESIDUAL_FUZZ_SECONDS=450 .venv/bin/python -m pytest tests/integration/test_schema_fuzz.py
@@ -31,7 +31,7 @@ from tests.processes import ROOT, api_server, variant_checkpoint, worker_process
 from tests.redis_server import start_private
 from tests.service.conftest import png_b64
 
-SECONDS = int(os.environ.get("RESIDUAL_FUZZ_SECONDS", "80"))
+SECONDS = int(os.environ.get("RESIDUAL_FUZZ_SECONDS", "60"))
 ADMIN, API = "fuzz-admin-key-0123456789abcdef", "fuzz-api-key-0123456789abcdef"
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 LIMITS = {"heads_sync_max_images": "64", "max_inline_images": "64", "job_timeout_s": "20"}

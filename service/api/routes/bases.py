@@ -146,6 +146,6 @@ async def get_basis(rt: ReadyDep, basis: str = Path(..., pattern=BASIS_REF, desc
 
     def build() -> dict[str, Any]:
         info = bases.find(basis)
-        return {**info.public(), "units": basis_units(bases.load(info))}
+        return {**info.public(), "served_model": rt.model.name, "units": basis_units(bases.load(info))}
 
     return await rt.io.run(build)
