@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, Path
+from starlette.convertors import Convertor, register_url_convertor
 
 from residual import zero_shot_logits
 from residual.diagnosis import closest_pairs, confused_pairs, confusion_matrix, head_text_share
@@ -31,6 +32,23 @@ from service.errors import Conflict, InvalidRequest, PayloadTooLarge
 
 router = APIRouter(tags=["label sets"])
 
+
+class LabelSetIdConvertor(Convertor[str]):
+    """``{label_set_id:label_set}``: any path segment but ``diagnose``, so ``/label-sets/diagnose`` is never taken for
+    a label-set id (its OPTIONS answers ``Allow: POST``, not ``GET, POST``); any other segment reaches the route,
+    whose pattern refuses a malformed id with a 422 that says so."""
+
+    regex = r"(?!diagnose$)[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("label_set", LabelSetIdConvertor())
+
 _BODY = JsonBody(LabelSetRequest)
 
 
@@ -50,7 +68,7 @@ async def create_label_set(rt: ReadyDep, label_set: LabelSetRequest = _BODY.depe
                            label_set_id=await rt.io.run(rt.label_sets.register, classes, templates))
 
 
-@router.get("/label-sets/{label_set_id}", response_model=LabelSetOut, dependencies=[ApiKey],
+@router.get("/label-sets/{label_set_id:label_set}", response_model=LabelSetOut, dependencies=[ApiKey],
             responses={404: {"description": "unknown label set or model"},
                        409: {"description": "the label set belongs to another model (the message names it)"}},
             summary="Read a registered label set")
