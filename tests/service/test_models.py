@@ -208,3 +208,39 @@ def test_a_model_with_a_request_in_flight_is_never_unloaded(artifacts: Path, red
         assert _classify(c, "tiny-c", _images(1))["model"] == "tiny-c"
         states = {m["name"]: m["state"] for m in c.get("/readyz").json()["models"]}
         assert states == {"tiny": "ready", "tiny-b": "unloaded", "tiny-c": "ready"}
+
+
+def test_loading_a_model_never_blocks_another(artifacts: Path, redis_server: RedisServer, variant: Path,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiny-c loads on first use (over the budget) and its load is held open: meanwhile the default model answers,
+    /readyz is 200 and reports tiny-c loading; once the load completes, tiny-c's waiting request is answered."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from residual import load_backbone
+    from service.engine import serving
+    from service.engine.model import model_bytes
+
+    release = threading.Event()
+    real_load = serving.load
+
+    def held(spec, *args):  # noqa: ANN001, ANN202 - serving.load's signature
+        if spec.name == "tiny-c":
+            assert release.wait(120), "the test never released the load"
+        return real_load(spec, *args)
+
+    monkeypatch.setattr(serving, "load", held)
+    one = model_bytes(load_backbone("residual-tiny", device="cpu").model)
+    models = [_models(variant)[0], {"name": "tiny-c", "architecture": "residual-tiny", "device": "cpu",
+                                    "weights": str(variant_checkpoint(tmp_path / "c.safetensors", seed=11))}]
+    settings = make_settings(artifacts, redis_server.url, models=models, model_memory_bytes=int(1.5 * one))
+    with TestClient(create_app(settings)) as c, ThreadPoolExecutor(1) as pool:
+        wait_ready(c)
+        assert c.get("/readyz").json()["models"][1]["state"] == "not loaded"  # over the budget: on first use
+        waiting = pool.submit(_classify, c, "tiny-c", _images(1))
+        wait_for(lambda: c.get("/readyz").json()["models"][1]["state"] == "loading", 60, "tiny-c to start loading")
+        for _ in range(3):
+            assert _classify(c, "tiny", _images(2))["model"] == "tiny"  # the default answers meanwhile
+        assert c.get("/readyz").status_code == 200
+        release.set()
+        assert waiting.result(timeout=120)["model"] == "tiny-c"
