@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Path
-from starlette.convertors import Convertor, register_url_convertor
 
 from service.api.auth import AdminKey
+from service.api.convertors import register_segment
 from service.api.deps import Ready, ReadyDep
 from service.api.schemas import JOB_ID, JobInfo
 from service.jobs import queue
@@ -22,21 +22,9 @@ __all__ = ["JOB_ID_PARAM", "add_job_routes", "job_status"]
 JOB_ID_PARAM = Path(..., pattern=JOB_ID, description="the job id returned when the job was accepted")
 
 
-class JobIdConvertor(Convertor[str]):
-    """``{job_id:job}``: one path segment that does not end in ``.png``, so ``/heads/alignment/<id>.png`` is never
-    taken for a job id by the status route (a DELETE there is a 405, not a 422). Any other segment reaches the route,
-    whose pattern (``JOB_ID``) refuses a malformed id with a 422 that says so; a trailing '/' is redirected."""
-
-    regex = r"[^/]+(?<!\.png)"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("job", JobIdConvertor())
+# ``{job_id:job}``: one path segment that does not end in ``.png``, so ``/heads/alignment/<id>.png`` is never taken
+# for a job id by the status route (a DELETE there is a 405, not a 422); a trailing '/' is redirected
+register_segment("job", r"[^/]+(?<!\.png)")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {404: {"description": "unknown job (or a job of another kind)"},
                                             503: {"description": "the job queue (Redis) is unavailable"}}

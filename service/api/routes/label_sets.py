@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, Path
-from starlette.convertors import Convertor, register_url_convertor
 
 from residual import zero_shot_logits
 from residual.diagnosis import closest_pairs, confused_pairs, confusion_matrix, head_text_share
@@ -19,6 +18,7 @@ from residual.spectral import explained_variance, k_at
 from service import sources
 from service.api.auth import AdminKey, ApiKey
 from service.api.body import JsonBody
+from service.api.convertors import register_segment
 from service.api.deps import ModelQuery, Ready, ReadyDep, label_set_from, source_and_label_set, validate_label_set
 from service.api.schemas import (
     LABEL_SET_ID,
@@ -33,21 +33,9 @@ from service.errors import Conflict, InvalidRequest, PayloadTooLarge
 router = APIRouter(tags=["label sets"])
 
 
-class LabelSetIdConvertor(Convertor[str]):
-    """``{label_set_id:label_set}``: any path segment but ``diagnose``, so ``/label-sets/diagnose`` is never taken for
-    a label-set id (its OPTIONS answers ``Allow: POST``, not ``GET, POST``); any other segment reaches the route,
-    whose pattern refuses a malformed id with a 422 that says so."""
-
-    regex = r"(?!diagnose$)[^/]+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("label_set", LabelSetIdConvertor())
+# ``{label_set_id:label_set}``: any path segment but ``diagnose``, so ``/label-sets/diagnose`` is never taken for a
+# label-set id (its OPTIONS answers ``Allow: POST``, not ``GET, POST``)
+register_segment("label_set", r"(?!diagnose$)[^/]+")
 
 _BODY = JsonBody(LabelSetRequest)
 
