@@ -152,9 +152,10 @@ class ModelMetrics:
 
 
 class JobsCollector(Collector):
-    """At scrape time: jobs by status and the queue length, read from the RQ registries (shared by replicas).
+    """At scrape time: jobs by status, the queue length and the workers, read from the RQ registries (shared by
+    replicas).
 
-    ``read`` returns {status: count} including "queued"; it returns None when Redis is unreachable.
+    ``read`` returns {status: count} including "queued", and "workers"; it returns None when Redis is unreachable.
     """
 
     def __init__(self, read: Callable[[], dict[str, int] | None]) -> None:
@@ -164,10 +165,14 @@ class JobsCollector(Collector):
         counts = self.read()
         if counts is None:
             return
+        counts = dict(counts)
+        workers = counts.pop("workers", 0)
         jobs = GaugeMetricFamily("residual_queue_jobs", "jobs (fits, bases, head alignments) in the queue's "
                                  "registries by status", labels=["status"])
         for status, n in sorted(counts.items()):
             jobs.add_metric([status], n)
         yield jobs
+        yield GaugeMetricFamily("residual_queue_workers", "workers registered on the job queue (heartbeating)",
+                                value=workers)
         yield GaugeMetricFamily("residual_queue_length", "jobs waiting for a worker",
                                 value=counts.get("queued", 0))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -18,7 +19,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["MODEL_NAME", "PLACEHOLDER_MARKERS", "ModelSpec", "Settings", "get_settings", "settings_or_exit"]
 
@@ -138,6 +139,16 @@ class Settings(BaseSettings):
         160_000_000, description="decoded pixels held at once by this process's image decoders (a request waits "
                                  "for room)")
     max_prompts: PositiveInt = Field(10_000, description="prompts of one label set, classes x templates (413)")
+    image_url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="images by URL (http(s):// strings where an image is expected): the hosts "
+                                          "they may come from, comma-separated host names, host:port, addresses or "
+                                          "CIDRs. Empty: URLs are refused. Loopback, private, link-local and other "
+                                          "non-public addresses are refused unless an entry names the address or a "
+                                          "range of that kind")
+    image_url_connect_timeout_s: PositiveFloat = Field(3.0, description="connect timeout of an image download")
+    image_url_timeout_s: PositiveFloat = Field(10.0, description="total time of one image download, redirects "
+                                                                 "included (then 422)")
+    image_url_max_concurrency: PositiveInt = Field(16, description="image downloads at once per API process")
     max_response_items: PositiveInt = Field(
         200_000, description="images x top_k x (explain + 1) of one /classify answer (413)")
     text_cache_bytes: PositiveInt = Field(
@@ -176,6 +187,15 @@ class Settings(BaseSettings):
             if spec.name in seen:
                 raise ValueError(f"RESIDUAL_MODELS names {spec.name!r} twice; each model needs its own name")
             seen.add(spec.name)
+        return v
+
+    @field_validator("image_url_allowlist", mode="before")
+    @classmethod
+    def _allowlist(cls, v: object) -> object:
+        """Comma-separated, or a JSON list (the entries are parsed when the API starts: a bad one stops it, named)."""
+        if isinstance(v, str):
+            text = v.strip()
+            return json.loads(text) if text.startswith("[") else [e.strip() for e in text.split(",") if e.strip()]
         return v
 
     @field_validator("api_key", "admin_api_key")

@@ -20,17 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def api_server(redis_url: str, artifacts: Path, ready_timeout: float = 120, debug_log: Path | None = None,
+               output: Path | None = None, env_extra: dict[str, str] | None = None, log_level: str = "warning",
                **settings: str) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
     """An API replica as its own uvicorn process on a free loopback port: (client, process), once ready.
 
     With ``debug_log``, the process is tests/debug_server.py (asyncio in debug mode, every event-loop step over 50 ms
-    reported) and its stderr goes to that file; ``slow_callbacks`` reads the reports."""
+    reported) and its stderr goes to that file; ``slow_callbacks`` reads the reports. With ``output``, its stdout
+    goes to ``output.with_suffix('.out')`` and its stderr (the JSON log lines) to ``output.with_suffix('.err')``;
+    ``env_extra``: other variables (``OTEL_*``)."""
     port = free_port()
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
-               HF_HUB_OFFLINE="1", **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
+               HF_HUB_OFFLINE="1", **{f"RESIDUAL_{k.upper()}": v for k, v in settings.items()}, **(env_extra or {}))
     if debug_log is None:
-        proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port), "--log-level",
-                                 "warning"], cwd=ROOT, env=env)
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(output.with_suffix(".out"), "wb")) if output is not None else None
+            err = files.enter_context(open(output.with_suffix(".err"), "wb")) if output is not None else None
+            proc = subprocess.Popen([sys.executable, "-m", "service.api.server", "--port", str(port), "--log-level",
+                                     log_level], cwd=ROOT, env=env, stdout=out, stderr=err)
     else:
         with open(debug_log, "w") as err:
             proc = subprocess.Popen([sys.executable, "-m", "tests.debug_server", str(port)], cwd=ROOT, env=env,
@@ -73,12 +79,19 @@ def api_process(redis_url: str, artifacts: Path, **settings: str) -> Iterator[ht
         yield client
 
 
-def worker_process(redis_url: str, artifacts: Path, **settings: str) -> subprocess.Popen[bytes]:
-    """An alignment worker as its own process (no metrics port)."""
+def worker_process(redis_url: str, artifacts: Path, output: Path | None = None,
+                   env_extra: dict[str, str] | None = None, **settings: str) -> subprocess.Popen[bytes]:
+    """An alignment worker as its own process (no metrics port unless a setting gives one); ``output`` and
+    ``env_extra`` as for :func:`api_server`."""
     env = dict(os.environ, RESIDUAL_REDIS_URL=redis_url, RESIDUAL_ARTIFACT_DIR=str(artifacts), RESIDUAL_DEVICE="cpu",
                HF_HUB_OFFLINE="1", RESIDUAL_WORKER_METRICS_PORT="0")
     env.update({f"RESIDUAL_{k.upper()}": v for k, v in settings.items()})
-    return subprocess.Popen([sys.executable, "-m", "service.jobs.worker", "--log-level", "warning"], cwd=ROOT, env=env)
+    env.update(env_extra or {})
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(output.with_suffix(".out"), "wb")) if output is not None else None
+        err = files.enter_context(open(output.with_suffix(".err"), "wb")) if output is not None else None
+        return subprocess.Popen([sys.executable, "-m", "service.jobs.worker", "--log-level", "warning"], cwd=ROOT,
+                                env=env, stdout=out, stderr=err)
 
 
 def rss_mib(pid: int) -> float:

@@ -6,7 +6,8 @@ again while the batcher restarts or once SIGTERM arrives. On SIGTERM the replica
 ``shutting_down``), lets in-flight requests finish for at most ``shutdown_timeout_s``, fails what is left, and
 exits. One uvicorn worker per process (metrics live in the process); scale with replicas.
 
-Middlewares, outermost first: request metrics, authentication (before any body byte is read), the body limit.
+Middlewares, outermost first: tracing (only when on), request metrics, the Open Inference Protocol's error body
+(``/v2``), authentication (before any body byte is read), the body limit.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.routing import BaseRoute, Mount
 
-from service import memory
+from service import memory, tracing
 from service.api import body as json_bodies
 from service.api.auth import Authenticate, route_scope
 from service.api.deps import Ready, Runtime
 from service.api.errors import install
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.middleware import BodyLimit, ProtocolErrors, RequestMetrics, Tracing
 from service.api.routes import (
     bases,
     classify,
@@ -42,15 +43,25 @@ from service.api.routes import (
     fits,
     heads,
     health,
+    inference,
     label_sets,
     playground,
 )
-from service.api.schemas import DATASET_REF, ErrorBody, HeadJobAccepted, InlineDataset
+from service.api.schemas import (
+    DATASET_REF,
+    IMAGE_OR_URL,
+    ErrorBody,
+    HeadJobAccepted,
+    InlineDataset,
+    V2Error,
+    V2InferRequest,
+)
 from service.engine.pipeline import decode_threads
 from service.engine.pools import Pool
 from service.engine.registry import ModelRegistry
 from service.engine.text_cache import RedisState
 from service.errors import ServiceError
+from service.fetch import ImageFetcher
 from service.jobs import queue
 from service.metrics import JobsCollector, Metrics
 from service.settings import MODEL_NAME, Settings, get_settings
@@ -75,11 +86,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              settings.cache_high_water)
     artifacts = ArtifactStore(settings.artifact_dir)
     analysis, decode = Pool(2, "analysis"), Pool(decode_threads(settings.decode_threads), "decode")
+    io = Pool(settings.io_threads, "io")
+    urls = ImageFetcher(settings.image_url_allowlist, settings.max_request_bytes, settings.image_url_connect_timeout_s,
+                        settings.image_url_timeout_s, settings.image_url_max_concurrency, io.run)
     runtime = Runtime(settings=settings, metrics=metrics, redis=redis_state,
                       jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
                                                       socket_connect_timeout=1.0),
                       models=ModelRegistry(settings, metrics, redis_state, artifacts, decode, analysis),
-                      io=Pool(settings.io_threads, "io"), analysis=analysis, decode=decode, artifacts=artifacts)
+                      io=io, analysis=analysis, decode=decode, artifacts=artifacts, urls=urls)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,7 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.ready = Ready(settings=settings, metrics=metrics, io=runtime.io, analysis=runtime.analysis,
                                   artifacts=runtime.artifacts, datasets=runtime.datasets(),
                                   jobs_redis=runtime.jobs_redis, redis=runtime.redis, models=runtime.models,
-                                  engine=engine)
+                                  urls=runtime.urls, engine=engine)
             logger.info("serving %s; auth %s", ", ".join(runtime.models.names),
                         "open (no API keys configured)" if settings.api_key is None and settings.admin_api_key is None
                         else "enabled")
@@ -121,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime.draining = True
             starter.cancel()
             await runtime.models.stop()
+            await runtime.urls.aclose()
             runtime.io.stop()
             runtime.analysis.stop()
             runtime.decode.stop()
@@ -137,7 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      "coefficient sets. Errors: `{\"error\": {\"type\", \"message\"}}`.")
     app.state.runtime = runtime
     install(app)
-    routers = (health, classify, label_sets, fits, datasets, coefficients, embeddings, heads, bases, drift, playground)
+    routers = (health, classify, label_sets, fits, datasets, coefficients, embeddings, heads, bases, drift, inference,
+               playground)
     for module in routers:
         app.include_router(module.router)
     static = Mount("/playground", StaticFiles(directory=playground.STATIC_DIR), name="playground")
@@ -149,7 +165,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(Authenticate, routes=routes, settings=settings)
+    app.add_middleware(ProtocolErrors)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
+    if tracing.enabled():  # nothing in the request path at all when tracing is off
+        app.add_middleware(Tracing, routes=routes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -176,7 +195,7 @@ def _openapi(app: FastAPI, settings: Settings, routes: list[BaseRoute]) -> dict[
     answer documented with the one error body."""
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (*json_bodies.MODELS.values(), ErrorBody, HeadJobAccepted, InlineDataset):
+    for model in (*json_bodies.MODELS.values(), ErrorBody, HeadJobAccepted, InlineDataset, V2Error, V2InferRequest):
         extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(extra.pop("$defs", {}))
         components[model.__name__] = extra
@@ -185,6 +204,7 @@ def _openapi(app: FastAPI, settings: Settings, routes: list[BaseRoute]) -> dict[
     _limits(components, settings)
     _model_names(schema, [m.name for m in settings.model_specs()])
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    v2_error = {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}  # the protocol's body
     scopes = {(getattr(route, "path_format", ""), m): route_scope(route) for route in routes
               for m in getattr(route, "methods", None) or ()}
     for path, ops in schema.get("paths", {}).items():
@@ -200,14 +220,15 @@ def _openapi(app: FastAPI, settings: Settings, routes: list[BaseRoute]) -> dict[
             if op.get("requestBody"):
                 responses.setdefault("413", {"description": "the body exceeds RESIDUAL_MAX_REQUEST_BYTES"})
                 responses.setdefault("415", {"description": "a content type this route does not take"})
-            if path not in ("/livez", "/metrics", "/", "/redoc"):
+            if path not in ("/livez", "/metrics", "/", "/redoc", "/v2", "/v2/health/live", "/v2/health/ready"):
                 responses.setdefault("503", {"description": _ERROR_DOCS["503"]})
             responses.setdefault("405", {"description": _ERROR_DOCS["405"]})
+            body = v2_error if path.startswith("/v2") else error
             for code, answer in responses.items():
                 if code[0] in "45" and code != "405":
-                    answer["content"] = copy.deepcopy(error)
+                    answer["content"] = copy.deepcopy(body)
                 elif code == "405":
-                    answer["content"] = copy.deepcopy(error)
+                    answer["content"] = copy.deepcopy(body)
                     answer["headers"] = {"Allow": {"schema": {"type": "string"},
                                                    "description": "the methods this path takes"}}
     return schema
@@ -255,6 +276,8 @@ def _limits(components: dict[str, Any], s: Settings) -> None:
                 variant["pattern"] = DATASET_REF
     images = prop("ClassifyRequest", "images")
     images.update({"maxItems": s.max_images, "minItems": 1})
+    if s.image_url_allowlist:  # URLs are images here only where the operator turned them on
+        images.setdefault("items", {})["pattern"] = IMAGE_OR_URL
     inline = components.get("InlineDataset", {}).get("properties", {})
     for field in ("images", "labels"):
         if field in inline:

@@ -31,6 +31,7 @@ from service.engine.registry import ModelRegistry
 from service.engine.serving import Engine
 from service.engine.text_cache import RedisState, TextCache
 from service.errors import BackendUnavailable, InvalidRequest, NotReady, PayloadTooLarge, ServiceError, ShuttingDown
+from service.fetch import ImageFetcher
 from service.metrics import Metrics
 from service.settings import MODEL_NAME, Settings
 from service.stores.artifacts import ArtifactStore
@@ -59,6 +60,7 @@ class Ready:
     jobs_redis: redis.Redis
     redis: RedisState
     models: ModelRegistry
+    urls: ImageFetcher  # images by URL (off unless RESIDUAL_IMAGE_URL_ALLOWLIST lists hosts)
     engine: Engine
     leases: list[Engine] = field(default_factory=list)  # engines this request acquired (released at its end)
 
@@ -126,6 +128,7 @@ class Runtime:
     analysis: Pool
     decode: Pool  # image decoding and preprocessing, one thread per core
     artifacts: ArtifactStore
+    urls: ImageFetcher
     ready: Ready | None = None
     draining: bool = False
     loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once the lifespan runs

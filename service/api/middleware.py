@@ -1,4 +1,5 @@
-"""ASGI middlewares of the API, outermost first: request metrics, authentication (``service.api.auth``), body limit.
+"""ASGI middlewares of the API, outermost first: tracing (when on), request metrics, the Open Inference Protocol's
+error body, authentication (``service.api.auth``), body limit.
 
 - :class:`RequestMetrics` observes every answer's duration by route template and status, so refused requests
   (401, 413) count too. Mounted static files are labelled by their mount (``/playground``), never by path, so the
@@ -16,10 +17,11 @@ import time
 from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.errors import error_body
 from service.metrics import Metrics
 
-__all__ = ["BodyLimit", "RequestMetrics"]
+__all__ = ["BodyLimit", "ProtocolErrors", "RequestMetrics", "Tracing"]
 
 
 class _TooLarge(Exception):
@@ -130,3 +132,80 @@ class RequestMetrics:
             mounts = [r for r in self.routes if isinstance(r, Mount)]
             self.metrics.request_seconds.labels(route=_route_label(scope, mounts), status=str(status["code"])
                                                 ).observe(time.perf_counter() - started)
+
+
+class Tracing:
+    """ASGI middleware (added only when tracing is on): one server span per request, the child of the caller's W3C
+    ``traceparent`` when it sends one, named by method and route template once routing has matched."""
+
+    def __init__(self, app: ASGIApp, routes: list[BaseRoute] | None = None) -> None:
+        self.app = app
+        self.mounts = [r for r in routes or [] if isinstance(r, Mount)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])
+                   if k in (b"traceparent", b"tracestate")}
+        method = scope.get("method", "GET")
+        with tracing.span(method, {"http.request.method": method, "url.path": scope.get("path", "")},
+                          context=tracing.extract(headers), kind="server") as span:
+
+            async def traced_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", int(message["status"]))
+                await send(message)
+
+            try:
+                await self.app(scope, receive, traced_send)
+            finally:
+                route = _route_label(scope, self.mounts)
+                span.update_name(f"{method} {route}")
+                span.set_attribute("http.route", route)
+
+
+class ProtocolErrors:
+    """ASGI middleware: under ``/v2`` (the Open Inference Protocol) an error answers with the protocol's body,
+    ``{"error": "<message>"}``, instead of ``{"error": {"type", "message"}}``: whichever layer refused the request
+    (authentication, the body limit, a route). Other paths pass through untouched."""
+
+    def __init__(self, app: ASGIApp, prefix: str = "/v2") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == self.prefix or path.startswith(self.prefix + "/")):
+            await self.app(scope, receive, send)
+            return
+        start: dict[str, Message] = {}
+        chunks: list[bytes] = []
+
+        async def rewriting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if int(message["status"]) < 400:
+                    await send(message)
+                else:
+                    start["message"] = message  # held until the (small) error body is complete
+                return
+            if "message" not in start:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = b"".join(chunks)
+            try:
+                parsed = json.loads(body)
+                error = parsed["error"]
+                body = json.dumps({"error": error["message"] if isinstance(error, dict) else str(error)}).encode()
+            except (ValueError, KeyError, TypeError):
+                pass  # not our error body: passed on as it is
+            head = start["message"]
+            headers = [(k, v) for k, v in head.get("headers", []) if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**head, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewriting_send)

@@ -52,6 +52,9 @@ TEMPLATE = f"^[^{{}}{_CTRL}]*\\{{\\}}[^{{}}{_CTRL}]*$"
 """A prompt template: '{}' exactly once, no other braces, no control or bidirectional characters."""
 IMAGE = r"^(data:[A-Za-z0-9/+.-]*(;[A-Za-z0-9=.-]+)*;base64,)?[A-Za-z0-9+/=\s]*[A-Za-z0-9+/][A-Za-z0-9+/=\s]*$"
 """An image as base64 or a base64 data URI (whitespace inside is ignored)."""
+IMAGE_OR_URL = rf"(?:^https?://\S+$)|(?:{IMAGE})"
+"""An image as base64, a data URI, or an http(s) URL: the published pattern where RESIDUAL_IMAGE_URL_ALLOWLIST is set
+(``service.api.app`` writes it into the schema; without an allowlist a URL is refused, and the schema says so)."""
 
 
 def _pattern(pattern: str) -> dict[str, Any]:
@@ -114,8 +117,9 @@ class ClassifyRequest(BaseModel):
     }], **ONE_LABEL_SET, **SOME_LABEL_SET})
 
     model: str | None = _model_field()
-    images: list[str] = Field(..., description="base64 strings or data URIs (PNG, JPEG, WebP, first GIF frame); "
-                                               "line breaks inside are ignored",
+    images: list[str] = Field(..., description="base64 strings or data URIs (PNG, JPEG, WebP, first GIF frame; "
+                                               "line breaks inside are ignored), or http(s):// URLs where the "
+                                               "deployment allows them (RESIDUAL_IMAGE_URL_ALLOWLIST; else 422)",
                               json_schema_extra={"minItems": 1, "items": {"type": "string", "pattern": IMAGE}})
     label_set: LabelSet | None = Field(None, description="inline label set")
     label_set_id: str | None = Field(None, description="id returned by POST /label-sets",
@@ -728,7 +732,9 @@ class EmbeddingsRequest(BaseModel):
     model: str | None = Field(None, min_length=1, max_length=200,
                               description="'<model>' or '<model>:<coefficient set>[@version]' (GET /v1/models); "
                                           "default: the default model")
-    input: str | list[str] = Field(..., description="texts, or images as base64 / data URIs with modality 'image'")
+    input: str | list[str] = Field(..., description="texts, or images as base64 / data URIs (or http(s):// URLs "
+                                                    "where RESIDUAL_IMAGE_URL_ALLOWLIST allows them) with modality "
+                                                    "'image'")
     modality: Literal["text", "image"] = "text"
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1), INTEGRAL] | None = Field(
@@ -764,3 +770,93 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- the Open Inference Protocol (KServe v2) ------------------------------------------------------------------------
+
+V2Parameter = str | int | float | bool
+
+
+class V2Error(BaseModel):
+    """The protocol's error body (every ``/v2`` error answer)."""
+
+    error: str = Field(..., description="what went wrong and what to do")
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str] = Field(..., description="'binary_tensor_data': the binary tensor extension")
+
+
+class V2Health(BaseModel):
+    live: bool | None = None
+    ready: bool | None = None
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(..., description="-1: any size")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(..., description="the served weights' id")
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+    parameters: dict[str, V2Parameter] = Field(default_factory=dict)
+
+
+class V2Tensor(BaseModel):
+    """An input tensor: ``images`` (BYTES ``[n]``: encoded image files; base64 or http(s) URLs as JSON strings) or
+    ``labels`` (BYTES ``[C]``: class names). With the binary extension, ``parameters.binary_data_size`` gives its
+    bytes after the JSON header (each BYTES element: a 4-byte little-endian length, then the bytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=64)
+    shape: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(..., min_length=1, max_length=4)
+    datatype: str = Field(..., min_length=1, max_length=16)
+    parameters: dict[str, V2Parameter] | None = None
+    data: list[Any] | None = Field(None, description="the elements, row-major (nested lists are flattened)")
+
+
+class V2RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=64)
+    parameters: dict[str, V2Parameter] | None = Field(None, description="'binary_data': true for binary data")
+
+
+class V2InferRequest(BaseModel):
+    """``POST /v2/models/{model}/infer``. Request ``parameters``: ``coefficients`` (``NAME`` or ``NAME@VERSION``),
+    ``templates`` (one template, or a JSON list of templates, as a string), ``label_set_id``, ``scores``
+    (``softmax`` or ``cosine``), ``binary_data_output`` (every output as binary data); ``priority`` and ``timeout``
+    are accepted and ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, max_length=256)
+    parameters: dict[str, V2Parameter] | None = None
+    inputs: list[V2Tensor] = Field(..., min_length=1, max_length=2)
+    outputs: list[V2RequestedOutput] | None = Field(None, max_length=2)
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, V2Parameter] | None = None
+    data: list[Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, V2Parameter] = Field(default_factory=dict)
+    outputs: list[V2OutputTensor]

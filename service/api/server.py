@@ -28,6 +28,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service import logs, tracing
 from service.errors import error_body
 from service.settings import Settings, settings_or_exit
 
@@ -161,7 +162,7 @@ def protocol_for(limits: ConnectionLimits) -> type[LimitedProtocol]:
 
 def server_config(app: Any, settings: Settings, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's configuration for one API process: one worker, our protocol and limits, the drain deadline."""
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1,
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1, log_config=logs.uvicorn_config(),
                           http=protocol_for(ConnectionLimits.from_settings(settings)),
                           timeout_keep_alive=max(1, round(settings.keep_alive_timeout_s)),
                           limit_concurrency=settings.max_connections,
@@ -194,15 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level)
     settings = settings_or_exit("residual-serve")
     try:
+        tracing.configure("residual-serve")  # OTEL_* (off by default)
         app = create_app(settings)
-    except ValueError as exc:  # a RESIDUAL_MODELS entry that names no architecture or no checkpoint
+    except ValueError as exc:  # a RESIDUAL_MODELS or allowlist entry, an OTEL_* value that cannot work
         print(f"residual-serve: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     runtime = app.state.runtime
-    Server(server_config(app, runtime.settings, args.host, args.port, args.log_level), runtime.begin_drain).run()
+    try:
+        Server(server_config(app, runtime.settings, args.host, args.port, args.log_level), runtime.begin_drain).run()
+    finally:
+        tracing.shutdown()  # flush the spans still queued
     return 0
 
 

@@ -22,10 +22,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from residual.decomposition import RawFeatures
+from service import tracing
 from service.engine.pools import ModelOwner
 from service.errors import BackendUnavailable, Overloaded, PayloadTooLarge
 from service.metrics import ModelMetrics
@@ -44,6 +46,8 @@ class _Item:
     future: asyncio.Future[Result]
     traffic: bool = True  # a client's images (drift statistics), not an analysis's reference images
     enqueued: float = field(default_factory=time.monotonic)
+    trace: Any = None  # the submitting request's span context (tracing on), parent of its wait and forward spans
+    enqueued_ns: int = 0  # wall clock, for the span of its wait (tracing on)
 
 
 class Batcher:
@@ -127,7 +131,9 @@ class Batcher:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise Overloaded(f"{self._queued_images} images are waiting for the backbone (limit {self.max_queue}); "
                              "retry shortly", headers={"Retry-After": "1"})
-        item = _Item(pixels, asyncio.get_running_loop().create_future(), traffic)
+        item = _Item(pixels, asyncio.get_running_loop().create_future(), traffic, trace=tracing.current())
+        if item.trace is not None:
+            item.enqueued_ns = time.time_ns()
         self._pending.append(item)
         self._queued_images += k
         self.metrics.queue_depth.set(self._queued_images)
@@ -199,12 +205,26 @@ class Batcher:
             finally:
                 self._running = []
 
+    @staticmethod
+    def _trace(batch: list[_Item], traced: list[_Item], started_ns: int, ended_ns: int, n: int) -> None:
+        """Each traced request gets its wait and the forward it shared, linked to the other requests of the batch."""
+        for item in traced:
+            k = int(item.pixels.shape[0])
+            tracing.record("batcher wait", item.enqueued_ns, started_ns, item.trace, {"residual.images": k})
+            tracing.record("backbone forward", started_ns, ended_ns, item.trace,
+                           {"residual.batch_size": n, "residual.batch_requests": len(batch), "residual.images": k},
+                           links=[other.trace for other in traced if other is not item])
+
     async def _run(self, batch: list[_Item]) -> None:
         pixels = torch.cat([i.pixels for i in batch])  # k_i x (k_i, 3, S, S) -> (n, 3, S, S)
         self.metrics.batch_size.observe(pixels.shape[0])
         started = time.perf_counter()
+        traced = [i for i in batch if i.trace is not None]
+        started_ns = time.time_ns() if traced else 0
         raw, emb = await self.owner.run(self.forward, pixels)
         self.metrics.forward_seconds.observe(time.perf_counter() - started)
+        if traced:
+            self._trace(batch, traced, started_ns, time.time_ns(), int(pixels.shape[0]))
         offset = 0
         seen: list[int] = []
         for item in batch:

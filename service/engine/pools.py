@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
+from service import tracing
 from service.errors import BackendUnavailable
 
 __all__ = ["ModelOwner", "Pool"]
@@ -57,7 +59,10 @@ class Pool:
         return fut
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Await ``fn(*args)`` run on the pool (the event loop never blocks on it)."""
+        """Await ``fn(*args)`` run on the pool (the event loop never blocks on it). With tracing on, the call runs in
+        a copy of the caller's context, so its spans are children of the caller's."""
+        if tracing.enabled():
+            return await asyncio.wrap_future(self.submit(contextvars.copy_context().run, fn, *args))
         return await asyncio.wrap_future(self.submit(fn, *args))
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:

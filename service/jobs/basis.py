@@ -15,7 +15,7 @@ import torch
 from residual import LinearisedLN
 from residual.basis import basis_from_units
 from residual.decomposition import decompose
-from service import sources
+from service import sources, tracing
 from service.jobs.context import JobContext, job
 from service.jobs.specs import BasisJob
 
@@ -37,7 +37,8 @@ def _run(ctx: JobContext, spec: BasisJob) -> dict[str, Any]:
             done += int(pixels.shape[0])
             ctx.progress(phase="building basis", fraction=round(done / total, 3), images=done, total=total)
 
-    basis = basis_from_units(bb, unit_batches(), source=source, name=spec.name)
+    with tracing.span("build basis", {"residual.images": total}):
+        basis = basis_from_units(bb, unit_batches(), source=source, name=spec.name)
     info = ctx.bases(bb).save(basis)
     ctx.progress(phase="done", fraction=1.0, images=done, total=total)
     return {"basis": info.public()}

@@ -20,6 +20,7 @@ import redis
 from rq import get_current_job
 
 from residual import Backbone, Basis, FitCancelledError, load_backbone
+from service import tracing
 from service.jobs.metrics import JOB_SECONDS, JOBS
 from service.jobs.queue import cancel_key
 from service.jobs.specs import BasisJob, FitJob, HeadAlignmentJob, parse
@@ -131,16 +132,22 @@ def job(body: Callable[[JobContext, S], dict[str, Any]], spec_type: type[S]) -> 
     def run(payload: dict[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         kind = str(payload.get("kind", "?")) if isinstance(payload, dict) else "?"
+        trace = payload.get("trace") if isinstance(payload, dict) else None
         try:
-            spec = parse(payload)
-            if not isinstance(spec, spec_type):
-                raise TypeError(f"a {spec.kind} job was sent to the {spec_type.__name__} runner")
-            ctx = JobContext(spec)
-            if ctx.cancelled():
-                raise FitCancelledError("cancelled before it started")
-            result = body(ctx, spec)
-            if ctx.job_id is not None:
-                ctx.artifacts.write_job_result(ctx.job_id, result)
+            # the job continues the trace of the request that enqueued it (its W3C context is in the payload)
+            with tracing.span(f"job {kind}", context=tracing.extract(trace if isinstance(trace, dict) else None),
+                              kind="consumer") as span:
+                spec = parse(payload)
+                if not isinstance(spec, spec_type):
+                    raise TypeError(f"a {spec.kind} job was sent to the {spec_type.__name__} runner")
+                ctx = JobContext(spec)
+                if span is not None:
+                    span.set_attributes({"residual.job_id": ctx.job_id or "", "residual.model": spec.model or ""})
+                if ctx.cancelled():
+                    raise FitCancelledError("cancelled before it started")
+                result = body(ctx, spec)
+                if ctx.job_id is not None:
+                    ctx.artifacts.write_job_result(ctx.job_id, result)
         except FitCancelledError:
             JOBS.labels(kind=kind, outcome="cancelled").inc()
             raise

@@ -27,7 +27,7 @@ from residual.decomposition import project_units
 from residual.drift import DriftReference
 from residual.fitting import FitResult
 from residual.io import load_tensors, save_tensors
-from service import sources
+from service import sources, tracing
 from service.jobs.context import JobContext, job
 from service.jobs.metrics import FEATURE_CACHE, FIT_SECONDS
 from service.jobs.specs import FitJob
@@ -120,7 +120,8 @@ def _run(ctx: JobContext, spec: FitJob) -> dict[str, Any]:
     ctx.progress(active_at_start=active_at_start)
     bb = ctx.backbone()
     ln = LinearisedLN(bb)
-    data = _features(ctx, bb, spec)
+    with tracing.span("extract features", {"residual.source": sources.source_name(spec.source)}):
+        data = _features(ctx, bb, spec)
     extract_s = time.perf_counter() - started
     if spec.basis == "fit-on-train":
         ctx.progress(phase="fitting basis")
@@ -142,9 +143,13 @@ def _run(ctx: JobContext, spec: FitJob) -> dict[str, Any]:
 
         ctx.progress(phase="fitting", fraction=round(i / len(variants), 3))
         fit_started = time.perf_counter()
-        results.append(fit(data["train"], cls, bb.logit_scale, basis, ln, spec.classes, spec.templates,
-                           spec.hyperparameters.config(variant), val=data.get("val"), test=data.get("test"),
-                           progress=progress, should_stop=ctx.cancelled))
+        with tracing.span(f"fit {variant}", {"residual.variant": variant}) as span:
+            results.append(fit(data["train"], cls, bb.logit_scale, basis, ln, spec.classes, spec.templates,
+                               spec.hyperparameters.config(variant), val=data.get("val"), test=data.get("test"),
+                               progress=progress, should_stop=ctx.cancelled))
+            if span is not None:
+                span.set_attributes({"residual.epochs": int(results[-1].report.get("epochs", 0) or 0),
+                                     "residual.val_accuracy": float(results[-1].report["val_accuracy"])})
         rep = results[-1].report
         table.append({"variant": variant, "parameters": results[-1].coefficients.n_parameters,
                       "val_accuracy": rep["val_accuracy"], "test_accuracy": rep.get("test_accuracy"),

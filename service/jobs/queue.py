@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 import redis
 from pydantic import BaseModel
-from rq import Queue
+from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from service import tracing
 from service.errors import BackendUnavailable, InvalidRequest, NotFound
 from service.jobs.specs import BASIS, FIT, HEADS
 
@@ -69,6 +70,9 @@ def enqueue(conn: redis.Redis, spec: BaseModel, name: str, timeout_s: int, ttl_s
     """Enqueue a typed job spec (``service.jobs.specs``) as JSON; 503 when the queue is unavailable."""
     kind = str(spec.kind)  # type: ignore[attr-defined]
     payload = spec.model_dump(mode="json")
+    carrier = tracing.inject()  # the worker continues this request's trace (empty when tracing is off)
+    if carrier:
+        payload["trace"] = {"traceparent": carrier.get("traceparent"), "tracestate": carrier.get("tracestate")}
     return redis_call(lambda: _queue(conn).enqueue(
         _FUNCTIONS[kind], payload, job_timeout=timeout_s, result_ttl=ttl_s, failure_ttl=ttl_s,
         meta={"name": name, "kind": kind, "model": payload.get("model"), "progress": {"phase": "queued"}}))
@@ -138,10 +142,11 @@ def list_jobs(conn: redis.Redis, offset: int, limit: int, results: ResultLookup 
 
 
 def counts(conn: redis.Redis) -> dict[str, int] | None:
-    """Jobs by status for the metrics collector; None when Redis does not answer."""
+    """Jobs by status, and the workers taking jobs, for the metrics collector; None when Redis does not answer."""
     kw: dict[str, Any] = {"connection": conn, "serializer": JSONSerializer}
     try:
-        return {"queued": _queue(conn).count,
+        queue = _queue(conn)
+        return {"queued": queue.count, "workers": Worker.count(connection=conn, queue=queue),
                 "running": StartedJobRegistry(QUEUE_NAME, **kw).count,
                 "succeeded": FinishedJobRegistry(QUEUE_NAME, **kw).count,
                 "failed": FailedJobRegistry(QUEUE_NAME, **kw).count,

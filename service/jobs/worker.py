@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
+from service import logs, tracing
 from service.jobs.context import preload
 from service.jobs.metrics import WORKER_REDIS_ERRORS
 from service.jobs.queue import QUEUE_NAME, queue_policy_warning
@@ -84,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level)
     s = settings_or_exit("residual-worker")
+    try:
+        tracing.configure("residual-worker")  # OTEL_* (off by default): jobs continue their request's trace
+    except ValueError as exc:
+        print(f"residual-worker: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     conn = redis.Redis.from_url(s.jobs_redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=10)
     _, warning = queue_policy_warning(conn)
     if warning:
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             worker = HeartbeatWorker([Queue(QUEUE_NAME, connection=conn, serializer=JSONSerializer)],
                                      connection=conn, serializer=JSONSerializer, job_monitoring_interval=5)
-            worker.work(burst=args.burst, with_scheduler=False)
+            worker.work(burst=args.burst, with_scheduler=False, logging_level=args.log_level.upper())
+            tracing.shutdown()
             return 0
         except (redis.RedisError, OSError) as exc:
             reason = _reason(exc)

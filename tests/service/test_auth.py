@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,13 +21,15 @@ from tests.service.conftest import make_settings, wait_ready
 API, ADMIN = "api-key-0123456789abcdef", "admin-key-0123456789abcdef"
 ROOT = Path(__file__).resolve().parents[2]
 
-OPEN = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics")}
+OPEN = {("GET", "/livez"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v2"), ("GET", "/v2/health/live"),
+        ("GET", "/v2/health/ready")}
 API_SCOPE = {  # classification and reads that neither enqueue work nor store data
     ("POST", "/classify"), ("GET", "/label-sets/{label_set_id}"), ("GET", "/coefficients"),
     ("GET", "/coefficients/{name}"), ("GET", "/heads"), ("GET", "/heads/spectrum.png"),
     ("GET", "/heads/{layer}/{head}"), ("GET", "/heads/{layer}/{head}/spectrum.png"), ("POST", "/v1/embeddings"),
     ("GET", "/v1/models"), ("GET", "/bases"), ("GET", "/bases/{basis}"), ("GET", "/bases/{a}/compare/{b}"),
-    ("GET", "/bases/{a}/compare/{b}.png"), ("GET", "/drift"), ("GET", "/drift.png")}
+    ("GET", "/bases/{a}/compare/{b}.png"), ("GET", "/drift"), ("GET", "/drift.png"), ("GET", "/v2/models/{model}"),
+    ("GET", "/v2/models/{model}/ready"), ("POST", "/v2/models/{model}/infer")}
 ADMIN_SCOPE = {
     ("POST", "/label-sets"), ("POST", "/fit-alignment"), ("GET", "/fit-alignment"),
     ("GET", "/fit-alignment/{job_id}"), ("DELETE", "/fit-alignment/{job_id}"), ("POST", "/datasets"),
@@ -35,7 +38,8 @@ ADMIN_SCOPE = {
     ("POST", "/bases"), ("GET", "/bases/jobs/{job_id}"), ("DELETE", "/bases/jobs/{job_id}"),
     ("DELETE", "/heads/alignment/{job_id}"), ("POST", "/label-sets/diagnose")}
 _PARAMS = {"label_set_id": "ls-" + "0" * 20, "name": "nope", "job_id": "0", "dataset_id": "ds-" + "0" * 20,
-           "layer": "0", "head": "0", "basis": "b-" + "0" * 16, "a": "b-" + "0" * 16, "b": "b-" + "1" * 16}
+           "layer": "0", "head": "0", "basis": "b-" + "0" * 16, "a": "b-" + "0" * 16, "b": "b-" + "1" * 16,
+           "model": "residual-tiny"}
 
 
 def _schema_operations() -> list[tuple[str, str]]:
@@ -69,17 +73,27 @@ def _url(path: str) -> str:
 def test_scopes(secured: TestClient, method: str, path: str) -> None:
     url = _url(path)
     r = secured.request(method, url, json={})
-    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+    _refused(r, 401, "unauthorized", path)
     assert r.headers["www-authenticate"] == "Bearer"
     r = secured.request(method, url, json={}, headers={"Authorization": "Bearer wrong-key-0123456789"})
     assert r.status_code == 401
     r = secured.request(method, url, json={}, headers={"Authorization": f"Bearer {API}"})
     if (method, path) in ADMIN_SCOPE:
-        assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden", r.text
+        _refused(r, 403, "forbidden", path)
     else:
         assert r.status_code not in (401, 403), r.text
     r = secured.request(method, url, json={}, headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code not in (401, 403), r.text
+
+
+def _refused(r: Any, status: int, kind: str, path: str) -> None:
+    """The refusal with its error body: ours, or under /v2 the Open Inference Protocol's ``{"error": "..."}``."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    if path.startswith("/v2/"):
+        assert isinstance(error, str) and "key" in error, r.text
+    else:
+        assert error["type"] == kind, r.text
 
 
 def test_the_classification_key_can_neither_enqueue_nor_store(secured: TestClient, artifacts: Path) -> None:
@@ -116,7 +130,8 @@ def test_a_refused_request_is_answered_before_its_body_is_read(secured: TestClie
     assert r.status_code == 401, r.text
     r = secured.request(method, _url(path), content=b"{}", headers={"content-type": "application/json",
                                                                      "Authorization": f"Bearer {API}x"})
-    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+    error = r.json()["error"]
+    assert r.status_code == 401 and (error if path.startswith("/v2/") else error["message"]) == "invalid API key"
 
 
 @pytest.mark.parametrize(("method", "path"), sorted(op for op in ADMIN_SCOPE | API_SCOPE if op[0] == "POST"))

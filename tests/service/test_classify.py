@@ -88,7 +88,7 @@ def test_multipart_upload_matches_json(client: TestClient) -> None:
     assert r.status_code == 422
     assert r.json()["error"]["message"] == ("unexpected form field 'labels'; the fields are images, label_set, "
                                             "label_set_id, coefficients, top_k, scores, explain, model (images as file "
-                                            "parts)")
+                                            "parts, or URL text parts)")
 
 
 def _publish(artifacts: Path, name: str, version: str, seed: int, variant: str = "full") -> None:
@@ -514,3 +514,39 @@ def test_the_cli_and_the_service_give_the_same_scores(client: TestClient, tmp_pa
     assert cli["label_set"]["templates"] == list(DEFAULT_TEMPLATES)
     for served, local in zip(r.json()["results"], cli["results"], strict=True):
         torch.testing.assert_close(_scores(served, classes), _scores(local, classes), atol=1e-5, rtol=0)
+
+
+def test_images_by_url_are_refused_by_default(client: TestClient) -> None:
+    """Without RESIDUAL_IMAGE_URL_ALLOWLIST a URL is refused everywhere an image is taken, with how to enable it,
+    and the published schema does not admit URLs (the downloads: tests/integration/test_protocols.py)."""
+    enable = "images by URL are off on this deployment: send the image as base64, or have the operator list the " \
+             "hosts to fetch from in RESIDUAL_IMAGE_URL_ALLOWLIST"
+    png = png_b64(np.zeros((8, 8, 3), np.uint8))
+    r = client.post("/classify", json={"images": [png, "http://127.0.0.1:9/cat.png"],
+                                       "label_set": {"classes": ["a", "b"]}})
+    assert r.status_code == 422 and r.json()["error"]["message"] == f"images[1] is a URL, and {enable}"
+    r = client.post("/classify", data={"images": "https://example.com/cat.png", "label_set": '{"classes": ["a", "b"]}'},
+                    files=[("images", ("a.png", base64.b64decode(png), "image/png"))])
+    assert r.status_code == 422 and enable in r.json()["error"]["message"]
+    r = client.post("/v1/embeddings", json={"input": ["http://example.com/x.png"], "modality": "image"})
+    assert r.status_code == 422 and r.json()["error"]["message"] == f"input[0] is a URL, and {enable}"
+    r = client.post("/v2/models/residual-tiny/infer", json={"inputs": [
+        {"name": "images", "shape": [1], "datatype": "BYTES", "data": ["http://example.com/x.png"]},
+        {"name": "labels", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]})
+    assert r.status_code == 422 and r.json() == {"error": f"images[0] is a URL, and {enable}"}
+    pattern = client.get("/openapi.json").json()["components"]["schemas"]["ClassifyRequest"]["properties"][
+        "images"]["items"]["pattern"]
+    assert "http" not in pattern
+
+
+def test_v2_infer_names_the_bad_image(client: TestClient) -> None:
+    png = png_b64(np.zeros((8, 8, 3), np.uint8))
+    r = client.post("/v2/models/residual-tiny/infer", json={"inputs": [
+        {"name": "images", "shape": [3], "datatype": "BYTES", "data": [png, png, "not base64 at all!"]},
+        {"name": "labels", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]})
+    assert r.status_code == 422 and r.json() == {"error": "images[2] is not valid base64 or a base64 data URI"}
+    r = client.post("/v2/models/residual-tiny/infer", json={"inputs": [
+        {"name": "images", "shape": [1], "datatype": "BYTES", "data": [png]}], "parameters": {"colour": "red"}})
+    assert r.status_code == 422 and r.json()["error"].startswith("unknown parameter 'colour'; the parameters are")
+    r = client.post("/v2/models/residual-tiny/infer", content=b"{}", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "Inference-Header-Content-Length" in r.json()["error"]

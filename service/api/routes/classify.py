@@ -1,6 +1,7 @@
 """``POST /classify``: images against a label set, zero-shot or through a fitted coefficient set.
 
-Images come as JSON (base64 strings or data URIs) or multipart (file parts named ``images``). The body is read on
+Images come as JSON (base64 strings, data URIs, or ``http(s)://`` URLs where the deployment allows them:
+``service.fetch``) or multipart (file parts named ``images``, or text parts holding URLs). The body is read on
 the event loop and parsed off it; decoding, scoring and the response's JSON are built on pools, so a large answer
 (many images x ``top_k`` x ``explain``) never holds the loop. Its size is bounded before any work:
 images x top_k x (explain + 1) <= ``max_response_items`` (413 beyond).
@@ -8,7 +9,6 @@ images x top_k x (explain + 1) <= ``max_response_items`` (413 beyond).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -16,19 +16,10 @@ import torch
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from residual import (
-    Geometry,
-    RawFeatures,
-    adapted_units,
-    apply_fused,
-    explain_logits,
-    project_units,
-    unit_table,
-    zero_shot_logits,
-)
+from residual import Geometry, unit_table
 from service.api.auth import ApiKey
 from service.api.body import JsonBody, is_json, parse_model, read_form, validation_message
-from service.api.deps import Ready, ReadyDep, validate_label_set
+from service.api.deps import Ready, ReadyDep
 from service.api.schemas import (
     COEFFICIENT_REF,
     FORM_LABEL_SET,
@@ -37,15 +28,14 @@ from service.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
 )
-from service.engine.drift import coefficients_reference
-from service.errors import InvalidRequest, PayloadTooLarge, Timeout, UnsupportedMedia
-from service.images import decode_base64
+from service.api.scoring import image_items, labels_for, load_coefficients, score, within_deadline
+from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from service.fetch import is_url
 from service.stores.coefficients import LoadedCoefficients
 
 router = APIRouter(tags=["classify"])
 
 _BODY = JsonBody(ClassifyRequest)
-Scored = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # shown scores (n, C), logits (n, C), (n, U, C)
 MULTIPART_FIELDS = ("images", "label_set", "label_set_id", "coefficients", "top_k", "scores", "explain", "model")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -65,18 +55,20 @@ def _unit_names(g: Geometry) -> list[str]:
     return [u.name for u in unit_table(g)]
 
 
-async def _parse(request: Request, rt: Ready) -> tuple[ClassifyRequest, list[bytes]]:
-    """JSON body (base64 images) or multipart (file parts named 'images' + form fields)."""
+async def _parse(request: Request, rt: Ready) -> tuple[ClassifyRequest, list[bytes | str]]:
+    """JSON body (base64 images or URLs) or multipart (file parts named 'images', URL text parts, form fields)."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         limit = rt.settings.max_images + 8
         async with read_form(request, limit, limit, rt.settings.max_request_bytes,
                              f"send at most {rt.settings.max_images} image file parts") as form:
-            blobs: list[bytes] = []
+            items: list[bytes | str] = []
             fields: dict[str, Any] = {"images": []}
             for key, value in form.multi_items():  # the files are closed when the form closes, also on errors
                 if key == "images" and not isinstance(value, str):
-                    blobs.append(await value.read())
+                    items.append(await value.read())
+                elif key == "images" and isinstance(value, str) and is_url(value):
+                    items.append(value)
                 elif key == "label_set" and isinstance(value, str):
                     try:
                         fields[key] = json.loads(value)
@@ -92,25 +84,25 @@ async def _parse(request: Request, rt: Ready) -> tuple[ClassifyRequest, list[byt
                     fields[key] = value
                 else:
                     raise InvalidRequest(f"unexpected form field {key[:64]!r}; the fields are "
-                                         f"{', '.join(MULTIPART_FIELDS)} (images as file parts)")
-        if not blobs:
+                                         f"{', '.join(MULTIPART_FIELDS)} (images as file parts, or URL text parts)")
+        if not items:
             raise InvalidRequest("no image file parts: send each image as a file part named 'images'")
-        fields["images"] = ["<file>"] * len(blobs)  # the bytes are in blobs
+        fields["images"] = ["<file>"] * len(items)  # the bytes are in items
         try:
             body = ClassifyRequest.model_validate(fields)
         except ValidationError as exc:
             raise InvalidRequest(validation_message(exc, ClassifyRequest)) from exc
-        return body, blobs
+        return body, items
     if not is_json(ctype):
         raise UnsupportedMedia("send application/json (base64 images) or multipart/form-data (image files)")
     raw = await request.body()
     return await rt.io.run(_parse_json, raw)
 
 
-def _parse_json(raw: bytes) -> tuple[ClassifyRequest, list[bytes]]:
+def _parse_json(raw: bytes) -> tuple[ClassifyRequest, list[bytes | str]]:
     """Blocking (io pool): JSON parse and validation in one pass (pydantic's Rust parser), then base64."""
     body = parse_model(ClassifyRequest, raw)
-    return body, [decode_base64(s, i) for i, s in enumerate(body.images)]
+    return body, image_items(body.images)
 
 
 def _answer(rt: Ready, body: ClassifyRequest, classes: list[str], ls_id: str, loaded: LoadedCoefficients | None,
@@ -161,61 +153,30 @@ async def classify(request: Request, rt: ReadyDep) -> Response:
     answer's ``label_set_id`` is the label set's content hash (nothing is stored; ``POST /label-sets`` registers it).
     """
     s = rt.settings
-    body, blobs = await _parse(request, rt)
+    body, items = await _parse(request, rt)
     rt = await rt.use(body.model)
-    if not blobs:
+    if not items:
         raise InvalidRequest(f"images is empty; send 1 to {s.max_images} images")
-    if len(blobs) > s.max_images:
-        raise InvalidRequest(f"{len(blobs)} images; the limit per request is {s.max_images}")
+    if len(items) > s.max_images:
+        raise InvalidRequest(f"{len(items)} images; the limit per request is {s.max_images}")
     if body.label_set is not None and body.label_set_id is not None:
         raise InvalidRequest("give label_set or label_set_id, not both")
-    loaded = await rt.io.run(rt.coefficients.resolve, body.coefficients) if body.coefficients else None
-    drift = rt.engine.drift
-    if loaded is not None and drift is not None and not drift.is_tracked(f"coefficients:{loaded.ref}"):
-        # from now on, traffic is also measured against the data this set was fitted on (GET /drift?coefficients=)
-        await rt.io.run(drift.track, f"coefficients:{loaded.ref}", lambda: coefficients_reference(loaded, rt.artifacts))
-    if body.label_set is not None:
-        classes, templates = validate_label_set(body.label_set.classes, body.label_set.templates, s)
-    elif body.label_set_id is not None:
-        classes, templates = await rt.io.run(rt.label_sets.get, body.label_set_id)
-    elif loaded is not None:
-        classes, templates = loaded.coefficients.classes, loaded.coefficients.templates
-    else:
-        raise InvalidRequest("give label_set, label_set_id, or coefficients (whose label set is then used)")
+    loaded = await load_coefficients(rt, body.coefficients)
+    inline = body.label_set
+    classes, templates, ls_id = await labels_for(rt, inline.classes if inline else None,
+                                                 inline.templates if inline else None, body.label_set_id, loaded)
     explained = min(body.explain or 0, rt.model.backbone.geometry.n_units)  # at most every unit
-    items = len(blobs) * min(body.top_k or s.default_top_k, len(classes)) * (explained + 1)
-    if items > s.max_response_items:
-        raise PayloadTooLarge(f"the answer would hold {items} items (images x top_k x (explain + 1)); the limit is "
-                              f"{s.max_response_items}: ask for fewer images, a smaller top_k or explain")
-    ls_id = body.label_set_id or rt.label_sets.id_of(classes, templates)
-    scale = rt.model.backbone.logit_scale
-
-    def scores(raw: RawFeatures, emb: torch.Tensor, class_emb: torch.Tensor) -> Scored:
-        """Blocking (io pool): the fused coefficient set (one matmul), cosine logits, softmax or cosine; with
-        explain, every unit's exact share of every logit."""
-        y = apply_fused(raw, loaded.fused, rt.model.ln) if loaded is not None else emb
-        class_emb = class_emb.to(y.device)
-        logits = zero_shot_logits(y, class_emb, scale.to(y.device)).float()
-        shown = logits.softmax(-1) if body.scores == "softmax" else logits / scale.exp().to(y.device)
-        contrib = None
-        if body.explain:
-            units = project_units(raw, rt.model.ln)  # (n, U, d), the model's own units
-            if loaded is not None:
-                units = adapted_units(loaded.coefficients, loaded.basis, units)  # each unit's share of y
-            contrib = explain_logits(units, class_emb, scale.to(y.device)).cpu()  # (n, U, C)
-        return shown.cpu(), logits.cpu(), contrib
+    n = len(items)
+    answered = n * min(body.top_k or s.default_top_k, len(classes)) * (explained + 1)
+    if answered > s.max_response_items:
+        raise PayloadTooLarge(f"the answer would hold {answered} items (images x top_k x (explain + 1)); the limit "
+                              f"is {s.max_response_items}: ask for fewer images, a smaller top_k or explain")
 
     async def run() -> bytes:
-        pixels = await rt.images(blobs)  # parallel decode + preprocess (pil on CPU, batched tensor ops on CUDA)
-        class_emb_task = rt.io.run(rt.text.class_embeddings, ls_id, classes, templates)
-        (raw, emb), class_emb = await asyncio.gather(rt.batcher.submit(pixels), class_emb_task)
-        probs, logits, contrib = await rt.io.run(scores, raw, emb, class_emb)
+        probs, logits, contrib = await score(rt, items, classes, templates, ls_id, loaded, body.scores,
+                                             body.explain or 0)
         return await rt.io.run(_answer, rt, body, classes, ls_id, loaded, probs, logits, contrib)
 
-    try:
-        content = await asyncio.wait_for(run(), s.request_timeout_s)
-    except TimeoutError as exc:
-        rt.metrics.rejected.labels(reason="timeout").inc()
-        raise Timeout(f"the request did not finish within {s.request_timeout_s:g} s") from exc
-    rt.engine.metrics.images_classified.inc(len(blobs))
+    content = await within_deadline(rt, run())
+    rt.engine.metrics.images_classified.inc(n)
     return Response(content, media_type="application/json")

@@ -23,8 +23,9 @@ from service.api.auth import ApiKey
 from service.api.body import JsonBody
 from service.api.deps import Ready, ReadyDep
 from service.api.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, ModelList, Usage
+from service.api.scoring import image_items
 from service.errors import InvalidRequest, NotFound
-from service.images import decode_base64, looks_like_image
+from service.images import looks_like_image
 from service.stores.coefficients import LoadedCoefficients
 from service.validation import clean_text
 
@@ -113,7 +114,8 @@ async def embeddings(rt: ReadyDep, body: EmbeddingsRequest = _BODY.depends) -> E
     else:
         if len(inputs) > s.max_images:
             raise InvalidRequest(f"{len(inputs)} images; the limit per request is {s.max_images}")
-        blobs = await rt.io.run(lambda: [decode_base64(b, i, "input") for i, b in enumerate(inputs)])
+        items = await rt.io.run(image_items, inputs, "input")
+        blobs = await rt.urls.resolve(items, "input")
         pixels = await rt.images(blobs)
         feats, emb = await rt.batcher.submit(pixels)
 
