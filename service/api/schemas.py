@@ -839,7 +839,11 @@ class V2InferRequest(BaseModel):
     (``softmax`` or ``cosine``), ``binary_data_output`` (every output as binary data); ``priority`` and ``timeout``
     are accepted and ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "id": "42",
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [_PNG_1PX]},
+                   {"name": "labels", "shape": [3], "datatype": "BYTES", "data": ["red", "green", "blue"]}],
+        "parameters": {"templates": "a photo of a {} object."}}]})
     id: str | None = Field(None, max_length=256)
     parameters: dict[str, V2Parameter] | None = None
     inputs: list[V2Tensor] = Field(..., min_length=1, max_length=2)

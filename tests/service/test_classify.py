@@ -386,17 +386,19 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         classify,
         coefficients,
         datasets,
+        drift,
         embeddings,
         fits,
         heads,
         health,
+        inference,
         label_sets,
     )
 
     spec = client.get("/openapi.json").json()
-    routes = [r for m in (bases, classify, coefficients, datasets, embeddings, fits, heads, health, label_sets)
-              for r in m.router.routes]
-    assert len(routes) >= 30
+    routes = [r for m in (bases, classify, coefficients, datasets, drift, embeddings, fits, heads, health, inference,
+                          label_sets) for r in m.router.routes]
+    assert len(routes) >= 40
     schemas = spec["components"]["schemas"]
     for route in routes:
         for method in route.methods:
@@ -406,12 +408,14 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
             if body is not None:
                 name = body["schema"]["$ref"].rsplit("/", 1)[-1]
                 assert schemas[name].get("examples") or name in ("Activate", "LabelSet"), name
+            error = "/V2Error" if route.path_format.startswith("/v2") else "/ErrorBody"  # the protocol's body
             for code, answer in op["responses"].items():
                 if code[0] in "45":
-                    assert answer["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody"), (
+                    assert answer["content"]["application/json"]["schema"]["$ref"].endswith(error), (
                         method, route.path, code)
             assert "Allow" in op["responses"]["405"]["headers"]
-            if route.path_format not in ("/livez", "/readyz", "/metrics"):
+            if route.path_format not in ("/livez", "/readyz", "/metrics", "/v2", "/v2/health/live",
+                                         "/v2/health/ready"):
                 assert {"401", "503"} <= set(op["responses"]), (method, route.path)
     assert "HTTPValidationError" not in schemas
     assert not _pydantic_keywords(spec), _pydantic_keywords(spec)  # bounds published as minimum/maximum
@@ -539,7 +543,14 @@ def test_images_by_url_are_refused_by_default(client: TestClient) -> None:
     assert "http" not in pattern
 
 
-def test_v2_infer_names_the_bad_image(client: TestClient) -> None:
+def test_v2_infer_example_and_errors(client: TestClient) -> None:
+    """The published example answers 200 (probabilities summing to 1); a bad element is named by its index."""
+    example = client.get("/openapi.json").json()["components"]["schemas"]["V2InferRequest"]["examples"][0]
+    r = client.post("/v2/models/residual-tiny/infer", json=example)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == example["id"] and out["probabilities"]["shape"] == [1, 3]
+    assert out["labels"]["data"] == ["red", "green", "blue"] and abs(sum(out["probabilities"]["data"]) - 1) < 1e-5
     png = png_b64(np.zeros((8, 8, 3), np.uint8))
     r = client.post("/v2/models/residual-tiny/infer", json={"inputs": [
         {"name": "images", "shape": [3], "datatype": "BYTES", "data": [png, png, "not base64 at all!"]},
