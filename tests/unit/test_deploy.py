@@ -218,3 +218,18 @@ def test_the_two_model_overlay_serves_both_models_on_one_gpu(deploy_copy: Path, 
     for name in ("residual-api", "residual-worker"):
         (container,) = _pod_specs(objs)[name]["containers"]
         assert container["image"].endswith("-gpu") and container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_base_configmap_is_accepted_by_the_service(deploy_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every RESIDUAL_* entry of the base ConfigMap parses as the service parses it, and its OTEL_* entries are
+    accepted by the tracing set-up (images by URL and traces are off as shipped)."""
+    from service import tracing
+    from service.settings import Settings
+
+    config = next(o for o in render("cpu", deploy_copy) if o["kind"] == "ConfigMap")["data"]
+    for key, value in config.items():
+        if key.startswith(("RESIDUAL_", "OTEL_")):
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.image_url_allowlist == [] and str(settings.artifact_dir) == config["RESIDUAL_ARTIFACT_DIR"]
+    assert config["OTEL_TRACES_EXPORTER"] == "none" and tracing.configure("residual-serve") is False
