@@ -94,6 +94,14 @@ def test_drift_smoke(tmp_path: Path) -> None:
     assert abs(result["on_vs_off"] - result["images_per_s"]["on"] / result["images_per_s"]["off"]) < 2e-3
 
 
+def test_tracing_smoke(tmp_path: Path) -> None:
+    """Traces exported over OTLP/HTTP reach a collector (the bench's stub) from a real API process."""
+    result = _run("bench/tracing.py", "--smoke", tmp=tmp_path)
+    assert all(v > 0 for vs in result["rounds_images_per_s"].values() for v in vs)
+    assert result["collector_exports"] >= 1 and result["collector_bytes"] > 1000
+    assert abs(result["on_vs_off"] - result["images_per_s"]["on"] / result["images_per_s"]["off"]) < 2e-3
+
+
 def test_text_cache_smoke(tmp_path: Path) -> None:
     from tests.redis_server import shared_or_private
 

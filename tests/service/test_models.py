@@ -237,10 +237,15 @@ def test_loading_a_model_never_blocks_another(artifacts: Path, redis_server: Red
     with TestClient(create_app(settings)) as c, ThreadPoolExecutor(1) as pool:
         wait_ready(c)
         assert c.get("/readyz").json()["models"][1]["state"] == "not loaded"  # over the budget: on first use
+        assert c.get("/v2/models/tiny-c/ready").json() == {"name": "tiny-c", "ready": True}  # it would load on use
         waiting = pool.submit(_classify, c, "tiny-c", _images(1))
         wait_for(lambda: c.get("/readyz").json()["models"][1]["state"] == "loading", 60, "tiny-c to start loading")
         for _ in range(3):
             assert _classify(c, "tiny", _images(2))["model"] == "tiny"  # the default answers meanwhile
-        assert c.get("/readyz").status_code == 200
+        assert c.get("/readyz").status_code == 200 and c.get("/v2/health/ready").json() == {"ready": True}
+        # the Open Inference Protocol's model readiness: a 4xx with the reason while it loads (the protocol's false)
+        r = c.get("/v2/models/tiny-c/ready")
+        assert r.status_code == 400 and r.json() == {"error": "the model tiny-c is still loading"}
         release.set()
         assert waiting.result(timeout=120)["model"] == "tiny-c"
+        assert c.get("/v2/models/tiny-c/ready").status_code == 200
