@@ -6,9 +6,9 @@ Redis, and loopback HTTP servers this test starts.
   data and with JSON tensors; the probabilities equal ``/classify`` with ``top_k`` = C; errors carry
   ``{"error": "..."}`` (404 unknown model, 401 without the key, 422 a bad input).
 - Images by URL: a URL gives the same scores as the bytes (``/classify``, ``/v1/embeddings``, v2); a redirect from
-  an allowlisted host to a refused address, the metadata address, a name resolving to loopback, an oversized body
-  (announced and not), a server that trickles bytes: each refused with a 4xx naming the problem, while a request
-  sent at the same time answers 200.
+  an allowlisted host to a refused address, the metadata address, a name resolving to loopback, an oversized
+  body (announced and not), a server that trickles bytes, endless redirects: each refused with a 4xx naming the
+  problem, while a request sent at the same time answers 200.
 - Traces: a ``/classify`` sent with a ``traceparent`` is exported with that trace id (the HTTP span, decode, the
   batcher's wait and forward, the coefficient application), and its access log line carries the trace id; a fit
   enqueued with a ``traceparent`` is continued by the worker (``job fit-alignment``, ``extract features``, ``fit``).
@@ -61,8 +61,8 @@ def _png(array: np.ndarray) -> bytes:
 
 
 class ImageServer:
-    """Serves ``/img/<i>.png``, redirects (``/redirect?to=``), oversized bodies (``/big``, ``/big-chunked``) and a
-    trickle (``/trickle``: one byte every 0.2 s); records every path it was asked for."""
+    """Serves ``/img/<i>.png``, redirects (``/redirect?to=``, ``/loop`` to itself), oversized bodies (``/big``,
+    ``/big-chunked``) and a trickle (``/trickle``: one byte every 0.2 s); records every path it was asked for."""
 
     def __init__(self, images: list[bytes]) -> None:
         self.images = images
@@ -84,6 +84,11 @@ class ImageServer:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+                elif url.path == "/loop":  # redirects to itself, forever
+                    self.send_response(301)
+                    self.send_header("Location", "/loop")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 elif url.path == "/redirect":
                     self.send_response(302)
                     self.send_header("Location", parse_qs(url.query)["to"][0])
@@ -308,6 +313,7 @@ def test_a_url_gives_the_same_scores_as_its_bytes(deployment: Deployment) -> Non
     ("big-chunked", 413, rf"the image is more than {MAX_BYTES} bytes"),
     ("trickle", 422, r"the download did not finish within 2 s"),
     ("scheme", 422, r"only http:// and https:// URLs are fetched"),
+    ("loop", 422, r"/loop\)( -> redirect http://127\.0\.0\.1:\d+/loop){3}: more than 3 redirects$"),
 ])
 def test_refused_urls_fail_their_own_request(deployment: Deployment, path: str, status: int, message: str) -> None:
     d = deployment
@@ -317,7 +323,8 @@ def test_refused_urls_fail_their_own_request(deployment: Deployment, path: str, 
            "redirect-metadata": d.images.url("/redirect?to=http://169.254.169.254/latest/meta-data/"),
            "localhost": local, "not-allowlisted": "http://example.invalid/cat.png",
            "big": d.images.url("/big"), "big-chunked": d.images.url("/big-chunked"),
-           "trickle": d.images.url("/trickle"), "scheme": "ftp://127.0.0.1/cat.png"}[path]
+           "trickle": d.images.url("/trickle"), "scheme": "ftp://127.0.0.1/cat.png",
+           "loop": d.images.url("/loop")}[path]
     seen = len(d.other.paths)
     results: dict[str, httpx.Response] = {}
 
