@@ -9,13 +9,18 @@ ratio of their median images/s over both pairs.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
+import json
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -91,3 +96,32 @@ def compare(configs: dict[str, dict[str, str]], pool: list[str], clients: int, p
                 except subprocess.TimeoutExpired:
                     proc.kill()
     return rates
+
+
+def arguments(doc: str | None, what: str) -> argparse.ArgumentParser:
+    """The options of an on/off comparison (``what``: the feature compared, for ``--control``'s help)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--control", action="store_true", help=f"an A/A run: both processes with {what} off (the noise "
+                                                          "of the comparison itself)")
+    p.add_argument("--smoke", action="store_true", help="2 s, one round, 4 clients")
+    p.add_argument("--json", type=Path)
+    return p
+
+
+def summary(args: argparse.Namespace, rates: dict[str, list[float]], **extra: Any) -> dict[str, Any]:
+    """The result of an on/off comparison (``rates`` keyed "on" and "off"), printed, and written to ``--json``."""
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    result = {"control": args.control, "clients": args.clients, "images_per_request": args.images,
+              "seconds": args.seconds, "rounds": args.rounds,
+              "images_per_s": {"on": round(on, 1), "off": round(off, 1)},
+              "rounds_images_per_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+              "on_vs_off": round(on / off, 3), **extra}
+    print(json.dumps(result, indent=2))  # noqa: T201
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result

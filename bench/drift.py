@@ -14,15 +14,12 @@ CPU time (``residual_drift_cpu_seconds_total`` against /proc), an upper bound of
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
 from pathlib import Path
 from typing import Any
 
 import httpx
-from _ab import Servers, compare, images  # type: ignore[import-not-found]
+from _ab import Servers, arguments, compare, images, summary  # type: ignore[import-not-found]
 
 
 def _metric(url: str, name: str) -> float:
@@ -37,15 +34,7 @@ def _cpu_s(pid: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--control", action="store_true", help="an A/A run: both processes with drift off (the noise "
-                                                          "of the comparison itself)")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--json", type=Path)
+    p = arguments(__doc__, "drift")
     args = p.parse_args(argv)
     if args.smoke:
         args.seconds, args.rounds, args.clients = 2.0, 1, 4
@@ -66,18 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     configs = {mode: {"RESIDUAL_DRIFT": "off" if args.control else mode} for mode in ("on", "off")}
     rates = compare(configs, pool, args.clients, args.images, args.seconds, args.rounds, after_pair)
     skipped, drift_cpu, process_cpu = totals["skipped"], totals["drift_cpu"], totals["process_cpu"]
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    result = {"control": args.control, "clients": args.clients, "images_per_request": args.images,
-              "seconds": args.seconds, "rounds": args.rounds,
-              "images_per_s": {"on": round(on, 1), "off": round(off, 1)},
-              "rounds_images_per_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
-              "on_vs_off": round(on / off, 3), "drift_images_counted": report.get("n_images"),
-              "drift_images_skipped": int(skipped), "drift_score": report.get("score"),
-              "drift_cpu_share": round(drift_cpu / process_cpu, 4) if process_cpu else None}
-    print(json.dumps(result, indent=2))  # noqa: T201
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    summary(args, rates, drift_images_counted=report.get("n_images"), drift_images_skipped=int(skipped),
+            drift_score=report.get("score"),
+            drift_cpu_share=round(drift_cpu / process_cpu, 4) if process_cpu else None)
     return 0
 
 

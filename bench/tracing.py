@@ -12,15 +12,11 @@ comparison itself). Reports the ratio on / off of the median images/s and what r
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
-from _ab import compare, images  # type: ignore[import-not-found]
+from _ab import arguments, compare, images, summary  # type: ignore[import-not-found]
 
 
 class Collector:
@@ -55,14 +51,7 @@ class Collector:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--images", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=15.0)
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--control", action="store_true", help="an A/A run: both processes with tracing off")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--json", type=Path)
+    p = arguments(__doc__, "tracing")
     args = p.parse_args(argv)
     if args.smoke:
         args.seconds, args.rounds, args.clients = 2.0, 1, 4
@@ -74,17 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.seconds, args.rounds)
     finally:
         collector.close()
-    traced, untraced = statistics.median(rates["on"]), statistics.median(rates["off"])
-    result = {"control": args.control, "clients": args.clients, "images_per_request": args.images,
-              "seconds": args.seconds, "rounds": args.rounds,
-              "images_per_s": {"on": round(traced, 1), "off": round(untraced, 1)},
-              "rounds_images_per_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
-              "on_vs_off": round(traced / untraced, 3),
-              "collector_exports": collector.exports, "collector_bytes": collector.bytes}
-    print(json.dumps(result, indent=2))  # noqa: T201
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    summary(args, rates, collector_exports=collector.exports, collector_bytes=collector.bytes)
     return 0
 
 
