@@ -130,7 +130,7 @@ async def _resolve_with(run: Callable[..., Awaitable[Any]], host: str, port: int
 
 class ImageFetcher:
     """Downloads the images of one process under the rules above; ``run`` runs a blocking call off the event loop
-    (the name lookups)."""
+    (the name lookups: a pool of their own, so a slow resolver never holds the threads other work needs)."""
 
     def __init__(self, allowlist: Sequence[str], max_bytes: int, connect_timeout_s: float, timeout_s: float,
                  max_concurrency: int, run: Callable[..., Awaitable[Any]]) -> None:
@@ -257,7 +257,8 @@ class ImageFetcher:
         pinned = f"[{ip}]" if ip.version == 6 else str(ip)
         target = parts._replace(netloc=f"{pinned}:{port}", fragment="").geturl()
         default_port = port == (443 if scheme == "https" else 80)
-        headers = {"Host": host if default_port else f"{host}:{port}", "Accept": "image/*",
+        shown_host = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        headers = {"Host": shown_host if default_port else f"{shown_host}:{port}", "Accept": "image/*",
                    "Accept-Encoding": "identity"}  # the cap counts the bytes as sent: no compressed bodies
         extensions = {"sni_hostname": host} if scheme == "https" else {}
         client = self._http()

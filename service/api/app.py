@@ -87,8 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     artifacts = ArtifactStore(settings.artifact_dir)
     analysis, decode = Pool(2, "analysis"), Pool(decode_threads(settings.decode_threads), "decode")
     io = Pool(settings.io_threads, "io")
+    resolver = Pool(4, "resolve")  # the name lookups of images by URL
     urls = ImageFetcher(settings.image_url_allowlist, settings.max_request_bytes, settings.image_url_connect_timeout_s,
-                        settings.image_url_timeout_s, settings.image_url_max_concurrency, io.run)
+                        settings.image_url_timeout_s, settings.image_url_max_concurrency, resolver.run)
     runtime = Runtime(settings=settings, metrics=metrics, redis=redis_state,
                       jobs_redis=redis.Redis.from_url(settings.jobs_redis_url, socket_timeout=1.0,
                                                       socket_connect_timeout=1.0),
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             starter.cancel()
             await runtime.models.stop()
             await runtime.urls.aclose()
+            resolver.stop()
             runtime.io.stop()
             runtime.analysis.stop()
             runtime.decode.stop()

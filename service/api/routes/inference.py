@@ -366,6 +366,8 @@ async def infer(request: Request, rt: ReadyDep, model: str = _ModelPath) -> Resp
     if len(images) > s.max_images:
         raise InvalidRequest(f"{len(images)} images; the limit per request is {s.max_images}")
     loaded = await load_coefficients(rt, params.get("coefficients"))  # type: ignore[arg-type]
+    if parsed.labels is not None and params.get("label_set_id") is not None:
+        raise InvalidRequest("give the input 'labels' or the parameter 'label_set_id', not both")
     templates = _templates(params.get("templates"))
     if templates is not None and parsed.labels is None:
         raise InvalidRequest("parameter 'templates' goes with the input 'labels'")
