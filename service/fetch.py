@@ -128,6 +128,14 @@ async def _resolve_with(run: Callable[..., Awaitable[Any]], host: str, port: int
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+@dataclass
+class _Request:
+    """The downloads of one request: the bytes they may still hold together, and whether one has failed."""
+
+    left: int
+    failed: bool = False
+
+
 class ImageFetcher:
     """Downloads the images of one process under the rules above; ``run`` runs a blocking call off the event loop
     (the name lookups: a pool of their own, so a slow resolver never holds the threads other work needs)."""
@@ -156,13 +164,13 @@ class ImageFetcher:
 
     # ---- many -----------------------------------------------------------------------------------------------------
     async def resolve(self, items: Sequence[bytes | str], what: str = "images") -> list[bytes]:
-        """Images as bytes, or URLs to download (concurrently): all bytes, in order; the first failure by index is
-        raised and the other downloads are cancelled."""
+        """Images as bytes, or URLs to download (concurrently): all bytes, in order. The first failure by index is
+        raised; downloads that have not started by then never start, the others are cancelled."""
         urls = [i for i, item in enumerate(items) if isinstance(item, str)]
         if not urls:
             return [item for item in items if isinstance(item, bytes)]
-        budget = [self.max_bytes]  # what this request's downloads may still hold together
-        tasks = {i: asyncio.ensure_future(self.fetch(str(items[i]), i, what, budget)) for i in urls}
+        request = _Request(self.max_bytes)
+        tasks = {i: asyncio.ensure_future(self.fetch(str(items[i]), i, what, request)) for i in urls}
         try:
             await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
             for i in urls:  # the failure of the lowest index (deterministic), the others cancelled in `finally`
@@ -176,24 +184,34 @@ class ImageFetcher:
         return [got[i] if isinstance(item, str) else item for i, item in enumerate(items)]
 
     # ---- one ------------------------------------------------------------------------------------------------------
-    async def fetch(self, url: str, index: int, what: str = "images", budget: list[int] | None = None) -> bytes:
-        """One URL -> its bytes (every rule of the module); 422/413 naming ``what[index]`` and the URL."""
+    async def fetch(self, url: str, index: int, what: str = "images", request: _Request | None = None) -> bytes:
+        """One URL -> its bytes (every rule of the module); 422/413 naming ``what[index]`` and the URL. ``request``:
+        the byte budget and the fate of the request's other downloads."""
         shown = url[:_SHOWN] + ("..." if len(url) > _SHOWN else "")
         label = f"{what}[{index}] ({shown})"
         if not self.allowlist:
             raise InvalidRequest(f"{what}[{index}] is a URL, and images by URL are off on this deployment: send the "
                                  "image as base64, or have the operator list the hosts to fetch from in "
                                  "RESIDUAL_IMAGE_URL_ALLOWLIST")
-        limit = self.max_bytes if budget is None else min(self.max_bytes, budget[0])
         async with self._slots:
+            if request is not None and request.failed:
+                return b""  # another download of the request failed: it is answered with that failure
+            limit = self.max_bytes if request is None else min(self.max_bytes, request.left)
             try:
                 data = await asyncio.wait_for(self._follow(url, label, limit), self.timeout_s)
             except TimeoutError as exc:
+                if request is not None:
+                    request.failed = True
                 raise InvalidRequest(f"{label}: the download did not finish within {self.timeout_s:g} s") from exc
-        if budget is not None:
-            if len(data) > budget[0]:
+            except BaseException:
+                if request is not None:
+                    request.failed = True  # set before the slot is released: no download starts after it
+                raise
+        if request is not None:
+            if len(data) > request.left:
+                request.failed = True
                 raise PayloadTooLarge(f"{label}: this request's downloads exceed {self.max_bytes} bytes together")
-            budget[0] -= len(data)
+            request.left -= len(data)
         return data
 
     async def _follow(self, url: str, label: str, limit: int) -> bytes:
@@ -272,14 +290,15 @@ class ImageFetcher:
                 if response.status_code >= 300:
                     return response.status_code, None, b""
                 announced = response.headers.get("content-length")
+                left = "" if limit == self.max_bytes else f" (what is left of this request's {self.max_bytes})"
                 if announced is not None and announced.isdigit() and int(announced) > limit:
-                    raise PayloadTooLarge(f"{label}: the image is {announced} bytes; the limit is {limit}")
+                    raise PayloadTooLarge(f"{label}: the image is {announced} bytes; the limit is {limit}{left}")
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_raw():
                     size += len(chunk)
                     if size > limit:
-                        raise PayloadTooLarge(f"{label}: the image is more than {limit} bytes")
+                        raise PayloadTooLarge(f"{label}: the image is more than {limit} bytes{left}")
                     chunks.append(chunk)
                 return response.status_code, None, b"".join(chunks)
         except httpx.TimeoutException as exc:

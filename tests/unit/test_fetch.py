@@ -76,3 +76,66 @@ def test_refusals_before_any_connection() -> None:
 def test_is_url() -> None:
     assert is_url("http://x/y") and is_url("HTTPS://x") and is_url("ftp://x")
     assert not is_url("iVBORw0KGgo=") and not is_url("data:image/png;base64,AAAA")
+
+
+def test_downloads_per_process_are_capped_and_a_request_shares_one_byte_budget() -> None:
+    """A loopback server that holds each answer 0.2 s: with a cap of 2, never more than 2 downloads at once; the
+    bytes come back in order; the downloads of one request share one byte budget (413 past it)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from service.errors import PayloadTooLarge
+
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.2)
+            body = self.path.encode() * 100  # 100 x the path: its own bytes
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with lock:
+                state["now"] -= 1
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    async def run(fn: object, *args: object) -> object:
+        raise AssertionError("an address literal needs no lookup")
+
+    async def main() -> None:
+        fetcher = ImageFetcher(["127.0.0.1"], 10_000, 1.0, 5.0, 2, run)
+        try:
+            urls = [f"{base}/{i}.png" for i in range(6)]
+            got = await fetcher.resolve([*urls[:3], b"inline", *urls[3:]])
+            assert got == [f"/{i}.png".encode() * 100 for i in range(3)] + [b"inline"] + [
+                f"/{i}.png".encode() * 100 for i in range(3, 6)]
+        finally:
+            await fetcher.aclose()
+        # one at a time (the others wait for the slot, never cancelled mid-connection): the fourth finds 1,900
+        # bytes of the request's 10,000 left
+        fetcher = ImageFetcher(["127.0.0.1"], 10_000, 1.0, 5.0, 1, run)
+        try:
+            with pytest.raises(PayloadTooLarge, match=r"images\[3\] .*: the image is 2700 bytes; the limit is 1900 "
+                                                      r"\(what is left of this request's 10000\)"):
+                await fetcher.resolve([f"{base}/{'x' * 20}-{i}.png" for i in range(6)])  # 6 x 2,700 bytes
+        finally:
+            await fetcher.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert state["most"] == 2
