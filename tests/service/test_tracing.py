@@ -1,6 +1,6 @@
 """Traces with the OpenTelemetry SDK's in-memory exporter: the span tree of one /classify (two requests sharing a
-batch link to each other) and of one fit (the job, run here by RQ's own worker loop, continues the trace of the
-request that enqueued it). Tracing off: the tracing SDK is not even imported.
+batch link to each other), of one fit and of one basis build (each job, run here by RQ's own worker loop, continues
+the trace of the request that enqueued it). Tracing off: the tracing SDK is not even imported.
 
 The app runs in process against the real model and a private Redis (its queue is this test's alone).
 """
@@ -108,7 +108,7 @@ def test_span_tree_of_one_classify(traced: tuple[TestClient, InMemorySpanExporte
     assert [link.context.trace_id for link in twin.links] == [int(TRACE_ID, 16)]
 
 
-def test_span_tree_of_one_fit(traced: tuple[TestClient, InMemorySpanExporter, Path], private_redis: RedisServer,
+def test_span_tree_of_one_fit_and_one_basis_build(traced: tuple[TestClient, InMemorySpanExporter, Path], private_redis: RedisServer,
                               monkeypatch: pytest.MonkeyPatch) -> None:
     client, exporter, artifacts = traced
     exporter.clear()
@@ -138,6 +138,18 @@ def test_span_tree_of_one_fit(traced: tuple[TestClient, InMemorySpanExporter, Pa
         assert _parent(s) == job.context.span_id
         assert spans["extract features"].end_time <= s.start_time
         assert s.attributes["residual.epochs"] >= 1
+
+    # a basis build continues its request's trace the same way
+    basis_trace = "3" * 32
+    r = client.post("/bases", headers={"traceparent": f"00-{basis_trace}-{'4' * 16}-01"},
+                    json={"name": "traced-basis", "dataset": "world:mixture", "max_images": 64})
+    assert r.status_code == 202, r.text
+    assert worker.work(burst=True, with_scheduler=False)
+    assert client.get(r.json()["status_url"]).json()["status"] == "succeeded"
+    spans = _tree(list(exporter.get_finished_spans()), int(basis_trace, 16))
+    assert _parent(spans["job basis"]) == spans["POST /bases"].context.span_id
+    assert _parent(spans["build basis"]) == spans["job basis"].context.span_id
+    assert spans["build basis"].attributes["residual.images"] == 64
 
 
 def test_tracing_off_imports_nothing() -> None:
