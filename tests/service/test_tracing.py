@@ -108,8 +108,9 @@ def test_span_tree_of_one_classify(traced: tuple[TestClient, InMemorySpanExporte
     assert [link.context.trace_id for link in twin.links] == [int(TRACE_ID, 16)]
 
 
-def test_span_tree_of_one_fit_and_one_basis_build(traced: tuple[TestClient, InMemorySpanExporter, Path], private_redis: RedisServer,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_span_tree_of_one_fit_and_one_basis_build(traced: tuple[TestClient, InMemorySpanExporter, Path],
+                                                  private_redis: RedisServer,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     client, exporter, artifacts = traced
     exporter.clear()
     trace_id = "1" * 32
