@@ -472,3 +472,18 @@ def _get(url: str) -> str | None:
     except httpx.TransportError:
         return None
     return r.text if r.status_code == 200 else None
+
+
+def test_the_python_client_passes_urls_in_order(deployment: Deployment) -> None:
+    """``Client.classify`` with URLs and bytes mixed: the answers come back in the order given, equal to bytes."""
+    from residual_client import Client
+
+    d = deployment
+    expected = _matrix(_classify(d, [_b64(b) for b in d.blobs]))
+    with Client(d.base, api_key=KEY) as rs:
+        out = rs.classify([d.images.url("/img/0.png"), d.blobs[1], d.images.url("/img/2.png"), d.blobs[3]],
+                          classes=list(TASK.classes), top_k=len(TASK.classes))
+        got = np.array([[{p.label: p.score for p in res.top}[c] for c in TASK.classes] for res in out.results])
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+        vectors = rs.embeddings([d.images.url("/img/0.png"), d.blobs[0]], modality="image")
+        np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)

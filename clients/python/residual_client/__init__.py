@@ -135,6 +135,11 @@ def _image_bytes(image: Any) -> tuple[str, bytes]:
     raise TypeError(f"images must be bytes, paths, PIL images or numpy arrays, not {type(image).__name__}")
 
 
+def _is_url(image: Any) -> bool:
+    """An ``http(s)://`` string: sent as it is, for the service to fetch (where its operator allows URLs)."""
+    return isinstance(image, str) and image[:8].lower().startswith(("http://", "https://"))
+
+
 def _model(model: str | None) -> dict[str, str]:
     """The ``model`` field or parameter, when one is named (else the deployment's default model answers)."""
     return {"model": model} if model is not None else {}
@@ -154,9 +159,21 @@ class _Requests:
                  templates: Sequence[str] | None = None, label_set_id: str | None = None,
                  coefficients: str | None = None, top_k: int | None = None, explain: int | None = None,
                  scores: str | None = None, model: str | None = None) -> _Call[ClassifyResult]:
-        """Images (bytes, paths, PIL images or numpy arrays) against ``classes`` (and ``templates``), a registered
-        ``label_set_id``, or a coefficient set's own label set; sent as multipart. ``model``: a served model
-        (default: the deployment's first)."""
+        """Images (bytes, paths, PIL images, numpy arrays, or ``http(s)://`` URLs the service fetches where its
+        operator allows them) against ``classes`` (and ``templates``), a registered ``label_set_id``, or a
+        coefficient set's own label set; sent as multipart (as JSON when there are URLs, to keep their order).
+        ``model``: a served model (default: the deployment's first)."""
+        if any(_is_url(im) for im in images):
+            import base64
+
+            body: dict[str, Any] = {
+                "images": [im if _is_url(im) else base64.b64encode(_image_bytes(im)[1]).decode() for im in images],
+                **({"label_set": _label_set(classes, templates)} if classes is not None else {})}
+            for key, value in (("label_set_id", label_set_id), ("coefficients", coefficients), ("top_k", top_k),
+                               ("explain", explain), ("scores", scores), ("model", model)):
+                if value is not None:
+                    body[key] = value
+            return _Call("POST", "/classify", {"json": body}, lambda r: ClassifyResult.parse(r.json()))
         data: dict[str, str] = {}
         if classes is not None:
             data["label_set"] = json.dumps(_label_set(classes, templates))
@@ -170,13 +187,13 @@ class _Requests:
     @staticmethod
     def embeddings(inputs: str | Sequence[Any], model: str | None = None, modality: str = "text"
                    ) -> _Call[list[list[float]]]:
-        """Texts (``modality="text"``) or images; ``model`` '<model>' or '<model>:<coefficient set>' (default: the
-        served model)."""
+        """Texts (``modality="text"``) or images (as for :meth:`classify`, URLs included); ``model`` '<model>' or
+        '<model>:<coefficient set>' (default: the served model)."""
         items = [inputs] if isinstance(inputs, str | bytes) else list(inputs)
         if modality == "image":
             import base64
 
-            items = [base64.b64encode(_image_bytes(x)[1]).decode() for x in items]
+            items = [x if _is_url(x) else base64.b64encode(_image_bytes(x)[1]).decode() for x in items]
         body: dict[str, Any] = {"input": items, "modality": modality, **({"model": model} if model else {})}
         return _Call("POST", "/v1/embeddings", {"json": body},
                      lambda r: [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])])
