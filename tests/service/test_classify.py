@@ -559,5 +559,9 @@ def test_v2_infer_example_and_errors(client: TestClient) -> None:
     r = client.post("/v2/models/residual-tiny/infer", json={"inputs": [
         {"name": "images", "shape": [1], "datatype": "BYTES", "data": [png]}], "parameters": {"colour": "red"}})
     assert r.status_code == 422 and r.json()["error"].startswith("unknown parameter 'colour'; the parameters are")
+    r = client.post("/v2/models/residual-tiny/infer", json={"inputs": [
+        {"name": "images", "shape": [1], "datatype": "BYTES", "data": [png]}]})
+    assert r.status_code == 422 and r.json()["error"].startswith("give the input 'labels' (BYTES [C]), or the "
+                                                                 "parameter 'label_set_id' or 'coefficients'")
     r = client.post("/v2/models/residual-tiny/infer", content=b"{}", headers={"content-type": "text/plain"})
     assert r.status_code == 415 and "Inference-Header-Content-Length" in r.json()["error"]

@@ -368,6 +368,9 @@ async def infer(request: Request, rt: ReadyDep, model: str = _ModelPath) -> Resp
     loaded = await load_coefficients(rt, params.get("coefficients"))  # type: ignore[arg-type]
     if parsed.labels is not None and params.get("label_set_id") is not None:
         raise InvalidRequest("give the input 'labels' or the parameter 'label_set_id', not both")
+    if parsed.labels is None and params.get("label_set_id") is None and loaded is None:
+        raise InvalidRequest("give the input 'labels' (BYTES [C]), or the parameter 'label_set_id' or "
+                             "'coefficients' (whose label set is then used)")
     templates = _templates(params.get("templates"))
     if templates is not None and parsed.labels is None:
         raise InvalidRequest("parameter 'templates' goes with the input 'labels'")
