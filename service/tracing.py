@@ -18,8 +18,10 @@ that trace (``job <kind>``, ``extract features``, ``fit <variant>``, ``build bas
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -54,13 +56,15 @@ def configure(service_name: str, exporter: Any = None) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
-    provider = TracerProvider(resource=Resource.create(attributes))  # the sampler from OTEL_TRACES_SAMPLER
+    # the sampler from OTEL_TRACES_SAMPLER; our own bounded shutdown at exit instead of the SDK's unbounded one
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     _provider = provider
     _tracer = provider.get_tracer("residual-serve")
+    atexit.register(shutdown)
     return True
 
 
@@ -85,12 +89,15 @@ def _exporter(name: str) -> Any:
     return HttpExporter()
 
 
-def shutdown() -> None:
-    """Flush and stop the exporters (process exit); tracing is off afterwards."""
+def shutdown(timeout_s: float = 5.0) -> None:
+    """Flush and stop the exporters (process exit), waiting at most ``timeout_s``: an exporter that hangs (a
+    collector that does not answer) never keeps the process from exiting. Tracing is off afterwards."""
     global _tracer, _provider
-    if _provider is not None:
-        _provider.shutdown()
-    _tracer = _provider = None
+    provider, _tracer, _provider = _provider, None, None
+    if provider is not None:
+        done = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+        done.start()
+        done.join(timeout_s)
 
 
 def _context(parent: Parent) -> Any:
