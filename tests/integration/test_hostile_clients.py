@@ -51,7 +51,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def _metric(client: httpx.Client, name: str) -> float:
-    return sample_sum(client.get("/metrics").text, name)
+    """On a connection of its own: the test's pooled one may have sat idle past the server's keep-alive timeout
+    (2 s in some tests here), and a request racing the server's close of it gets no answer."""
+    return sample_sum(httpx.get(str(client.base_url).rstrip("/") + "/metrics", timeout=30).text, name)
 
 
 # ---- unauthenticated floods -------------------------------------------------------------------------------------
