@@ -24,7 +24,6 @@ import json
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -332,14 +331,16 @@ def test_refused_urls_fail_their_own_request(deployment: Deployment, path: str, 
            "loop": d.images.url("/loop")}[path]
     seen = len(d.other.paths)
     results: dict[str, httpx.Response] = {}
+    together = threading.Barrier(2)  # both requests leave at the same moment
 
     def bystander() -> None:  # sent while the bad URL is being refused: its batch is its own
-        time.sleep(0.1)
+        together.wait(10)
         results["other"] = d.client.post("/classify", json={"images": [_b64(d.blobs[0])],
                                                             "label_set": {"classes": list(TASK.classes)}})
 
     thread = threading.Thread(target=bystander)
     thread.start()
+    together.wait(10)
     r = d.client.post("/classify", json={"images": [_b64(d.blobs[1]), url],
                                          "label_set": {"classes": list(TASK.classes)}})
     thread.join()

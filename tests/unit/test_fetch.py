@@ -79,16 +79,16 @@ def test_is_url() -> None:
 
 
 def test_downloads_per_process_are_capped_and_a_request_shares_one_byte_budget() -> None:
-    """A loopback server that holds each answer 0.2 s: with a cap of 2, never more than 2 downloads at once; the
-    bytes come back in order; the downloads of one request share one byte budget (413 past it)."""
+    """A loopback server that holds its answers until two downloads are in flight at once: with a cap of 2, never
+    more than 2; the bytes come back in order; the downloads of one request share one byte budget (413 past it)."""
     import threading
-    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from service.errors import PayloadTooLarge
 
     state = {"now": 0, "most": 0}
     lock = threading.Lock()
+    two_at_once = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
@@ -98,7 +98,9 @@ def test_downloads_per_process_are_capped_and_a_request_shares_one_byte_budget()
             with lock:
                 state["now"] += 1
                 state["most"] = max(state["most"], state["now"])
-            time.sleep(0.2)
+                if state["now"] >= 2:
+                    two_at_once.set()
+            assert two_at_once.wait(10), "the downloads never ran two at once"
             body = self.path.encode() * 100  # 100 x the path: its own bytes
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
